@@ -1,0 +1,146 @@
+"""Helpers shared by every integration: env flags, log-key rewriting, parameter flattening, secret redaction."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from trainer_lib.callback import IntegrationCallback
+
+logger = logging.getLogger("callbacks")
+
+TRUE_VALUES = {"1", "true", "yes", "on", "y", "t"}
+FALSE_VALUES = {"0", "false", "no", "off", "n", "f", ""}
+
+#: any key whose name suggests a credential
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|apikey|credential|auth)", re.IGNORECASE)
+REDACTED = "***REDACTED***"
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A boolean environment variable; an unrecognised value is an error naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in TRUE_VALUES:
+        return True
+    if value in FALSE_VALUES:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r}: expected one of true/false/1/0/yes/no")
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """An environment variable restricted to ``choices`` (case-insensitive)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ValueError(f"environment variable {name}={raw!r}: expected one of {list(choices)}")
+    return value
+
+
+def rewrite_logs(logs: Mapping[str, Any]) -> dict[str, Any]:
+    """``eval_x`` → ``eval/x``, ``test_x`` → ``test/x``, anything else → ``train/x``."""
+    out = {}
+    for key, value in logs.items():
+        if key.startswith("eval_"):
+            out["eval/" + key[len("eval_") :]] = value
+        elif key.startswith("test_"):
+            out["test/" + key[len("test_") :]] = value
+        else:
+            out["train/" + key] = value
+    return out
+
+
+def numeric_items(logs: Mapping[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """Split logs into numeric values (bools excluded) and the names of the others."""
+    numbers, skipped = {}, []
+    for key, value in logs.items():
+        if isinstance(value, bool):
+            skipped.append(key)
+        elif isinstance(value, (int, float)):
+            numbers[key] = value
+        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+            numbers[key] = value.item()
+        else:
+            skipped.append(key)
+    return numbers, skipped
+
+
+def flatten_dict(data: Mapping[str, Any], parent: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested mappings as one level with ``sep``-joined keys."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{parent}{sep}{key}" if parent else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten_dict(value, name, sep))
+        else:
+            out[name] = value
+    return out
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key))
+
+
+def secret_values() -> set[str]:
+    """Values of environment variables that hold credentials (never to be sent anywhere)."""
+    return {v for k, v in os.environ.items() if is_secret_key(k) and v and len(v) >= 4}
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters with credential-looking keys, and any value containing a known secret, replaced."""
+    secrets = secret_values()
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            out[key] = redact(value)
+            continue
+        if is_secret_key(str(key)) and value not in (None, "", False):
+            out[key] = REDACTED
+        elif isinstance(value, str) and any(s in value for s in secrets):
+            text = value
+            for s in secrets:
+                text = text.replace(s, REDACTED)
+            out[key] = text
+        else:
+            out[key] = value
+    return out
+
+
+def training_params(args, model=None) -> dict[str, Any]:
+    """The run's parameters for a tracker: training args plus model information, redacted."""
+    params = dict(args.to_sanitized_dict()) if hasattr(args, "to_sanitized_dict") else dict(args)
+    if model is not None:
+        config = getattr(model, "config", None)
+        if isinstance(config, Mapping):
+            params.update({f"model.{k}": v for k, v in flatten_dict(config).items()})
+        elif config is not None and hasattr(config, "to_dict"):
+            params.update({f"model.{k}": v for k, v in flatten_dict(config.to_dict()).items()})
+        params["model.class"] = type(model).__name__
+        params["model.num_parameters"] = sum(p.numel() for p in model.parameters())
+    return redact(params)
+
+
+class TrackerCallback(IntegrationCallback):
+    """Base of the tracker callbacks: lazy setup on first use, world-process-zero only."""
+
+    def __init__(self) -> None:
+        self._initialized = False
+
+    def setup(self, args, state, model, **kwargs) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _ensure_setup(self, args, state, model, **kwargs) -> bool:
+        """Set up once on world process zero; returns whether this process talks to the tracker."""
+        if not state.is_world_process_zero:
+            return False
+        if not self._initialized:
+            self.setup(args, state, model, **kwargs)
+            self._initialized = True
+        return True

@@ -1,0 +1,49 @@
+"""Small real training jobs for tests: scikit-learn's bundled digits with a tiny MLP."""
+
+from __future__ import annotations
+
+import torch
+from sklearn.datasets import load_digits
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return {"x": self.features[i], "labels": self.labels[i]}
+
+
+class TinyMLP(torch.nn.Module):
+    def __init__(self, hidden: int = 32, dropout: float = 0.1):
+        super().__init__()
+        self.config = {"hidden": hidden, "dropout": dropout}
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, 10)
+        )
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def digits(n_train: int = 256, n_eval: int = 64):
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.long)
+    return DictDataset(x[:n_train], y[:n_train]), DictDataset(x[n_train : n_train + n_eval], y[n_train : n_train + n_eval])
+
+
+def accuracy(pred) -> dict[str, float]:
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+
+def make_model(seed: int = 0, **kwargs) -> TinyMLP:
+    torch.manual_seed(seed)
+    return TinyMLP(**kwargs)

@@ -1,0 +1,37 @@
+"""trainer_lib: a PyTorch Trainer with the reference (Hugging Face) callback API and exact, crash-safe resume."""
+
+from .arguments import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
+from .callback import CallbackHandler, IntegrationCallback, TrainerCallback
+from .checkpoint import CheckpointError
+from .data import default_data_collator
+from .evaluation import EvalPrediction, PredictionOutput
+from .flow import DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback
+from .registry import register_integration, resolve_report_to
+from .state import ExportableState, TrainerControl, TrainerState
+from .trainer import Trainer, TrainOutput, set_seed
+
+__all__ = [
+    "CallbackHandler",
+    "CheckpointError",
+    "DefaultFlowCallback",
+    "EarlyStoppingCallback",
+    "EvalPrediction",
+    "ExportableState",
+    "IntegrationCallback",
+    "IntervalStrategy",
+    "PredictionOutput",
+    "PrinterCallback",
+    "ProgressCallback",
+    "SaveStrategy",
+    "SchedulerType",
+    "Trainer",
+    "TrainerCallback",
+    "TrainerControl",
+    "TrainerState",
+    "TrainingArguments",
+    "TrainOutput",
+    "default_data_collator",
+    "register_integration",
+    "resolve_report_to",
+    "set_seed",
+]

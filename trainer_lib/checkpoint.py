@@ -1,0 +1,333 @@
+"""Checkpoint folders: atomic writes, a manifest of checksums, validation, rotation and safe loading.
+
+A folder named ``checkpoint-<step>`` is always complete: it is written under a temporary name, every file is
+fsynced, a manifest with each file's size and SHA-256 is written last, and only then is the folder renamed.
+Nothing is ever unpickled: weights are safetensors, the rest is JSON or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint"
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG = "rng_state.pt"
+TRAINER_STATE = "trainer_state.json"
+LOOP_STATE = "loop_state.json"
+ARGS = "training_args.json"
+FORMAT_VERSION = 1
+
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, partial or damaged; the message names the file."""
+
+
+# -- RNG -------------------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) RNG states as tensors and plain values (weights_only-safe)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    )
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except Exception as error:  # a different GPU count: resume still works, only CUDA RNG differs
+            logger.warning("could not restore CUDA RNG states: %s", error)
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+@dataclass
+class CheckpointPayload:
+    """Everything a checkpoint holds, already copied off the live training state."""
+
+    step: int
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    trainer_state_json: str
+    loop_state: dict[str, Any]
+    args_json: str
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_checkpoint(payload: CheckpointPayload, output_dir: str) -> str:
+    """Write ``payload`` as ``output_dir/checkpoint-<step>``, atomically; returns the final folder."""
+    from safetensors.torch import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    final = os.path.join(output_dir, f"{PREFIX}-{payload.step}")
+    tmp = os.path.join(output_dir, f".tmp-{PREFIX}-{payload.step}-{os.getpid()}-{threading.get_ident()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        save_file(payload.weights, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        torch.save(payload.optimizer, os.path.join(tmp, OPTIMIZER))
+        torch.save(payload.scheduler, os.path.join(tmp, SCHEDULER))
+        torch.save(payload.rng, os.path.join(tmp, RNG))
+        _write_text(os.path.join(tmp, TRAINER_STATE), payload.trainer_state_json)
+        _write_text(os.path.join(tmp, LOOP_STATE), json.dumps(payload.loop_state, indent=2, sort_keys=True))
+        _write_text(os.path.join(tmp, ARGS), payload.args_json)
+        files = {}
+        for name in sorted(os.listdir(tmp)):
+            path = os.path.join(tmp, name)
+            _fsync_file(path)
+            files[name] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+        manifest = {"format_version": FORMAT_VERSION, "global_step": payload.step, "files": files}
+        _write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+        _fsync_file(os.path.join(tmp, MANIFEST))
+        _fsync_dir(tmp)
+        if os.path.exists(final):
+            # The same step saved again (e.g. a rerun): swap, so a crash never leaves neither version.
+            old = final + f".old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def clean_stale_temporaries(output_dir: str) -> None:
+    """Remove temporary folders left by a crash in the middle of a checkpoint write."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(f".tmp-{PREFIX}-"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+class CheckpointWriter:
+    """Writes checkpoints synchronously, or in a background thread with at most one write in flight."""
+
+    def __init__(self, asynchronous: bool = False):
+        self.asynchronous = asynchronous
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._done = None
+
+    def submit(self, payload: CheckpointPayload, output_dir: str, on_done) -> None:
+        self.wait()
+        if not self.asynchronous:
+            on_done(write_checkpoint(payload, output_dir))
+            return
+
+        def run() -> None:
+            try:
+                folder = write_checkpoint(payload, output_dir)
+            except BaseException as error:  # surfaced in the training thread by wait()
+                self._error = error
+                return
+            self._done = (on_done, folder)
+
+        self._done = None
+        self._thread = threading.Thread(target=run, name="flytrain-checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def poll(self) -> None:
+        """Finish a background write that has completed (runs its completion here); never blocks."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is complete, then run its completion in this thread."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self._done is not None:
+                on_done, folder = self._done
+                self._done = None
+                on_done(folder)
+
+
+# -- finding, validating, loading ------------------------------------------------------------------------------
+def checkpoint_step(path: str) -> int | None:
+    m = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint folders in ``output_dir``, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        step = checkpoint_step(name)
+        if step is not None and os.path.isdir(path):
+            found.append((step, path))
+    return [p for _, p in sorted(found)]
+
+
+def validate_checkpoint(path: str, *, verify_checksums: bool = True) -> None:
+    """Raise CheckpointError naming the file when ``path`` is not a complete, intact checkpoint."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a directory")
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: {MANIFEST} is missing")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path!r}: {MANIFEST} is unreadable ({error})") from None
+    for required in (WEIGHTS, TRAINER_STATE, LOOP_STATE):
+        if required not in files:
+            raise CheckpointError(f"checkpoint {path!r}: {MANIFEST} does not list {required}")
+    for name, meta in files.items():
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            raise CheckpointError(f"checkpoint {path!r} is damaged: {name} is missing")
+        size = os.path.getsize(file_path)
+        if size != meta.get("size"):
+            raise CheckpointError(
+                f"checkpoint {path!r} is damaged: {name} has {size} bytes, expected {meta.get('size')}"
+            )
+        if verify_checksums and _sha256(file_path) != meta.get("sha256"):
+            raise CheckpointError(f"checkpoint {path!r} is damaged: {name} does not match its SHA-256")
+
+
+def latest_valid_checkpoint(output_dir: str) -> str | None:
+    """The newest intact checkpoint in ``output_dir``; damaged ones are skipped with a warning naming the fault."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            validate_checkpoint(path)
+        except CheckpointError as error:
+            logger.warning("skipping %s", error)
+            continue
+        return path
+    return None
+
+
+def _torch_load(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot load {path!r} safely (weights_only): {error}") from None
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.path.join(path, WEIGHTS) if os.path.isdir(path) else path)
+    except Exception as error:
+        raise CheckpointError(f"cannot read weights {path!r}: {error}") from None
+
+
+def load_optimizer_state(path: str) -> dict[str, Any] | None:
+    file = os.path.join(path, OPTIMIZER)
+    return _torch_load(file) if os.path.isfile(file) else None
+
+
+def load_scheduler_state(path: str) -> dict[str, Any] | None:
+    file = os.path.join(path, SCHEDULER)
+    return _torch_load(file) if os.path.isfile(file) else None
+
+
+def load_rng_state(path: str) -> dict[str, Any] | None:
+    file = os.path.join(path, RNG)
+    return _torch_load(file) if os.path.isfile(file) else None
+
+
+def load_loop_state(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, LOOP_STATE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def rotate_checkpoints(output_dir: str, save_total_limit: int | None, keep: list[str | None]) -> list[str]:
+    """Delete the oldest checkpoints beyond ``save_total_limit``, never the newest nor any in ``keep``."""
+    if not save_total_limit:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    if len(checkpoints) <= save_total_limit:
+        return []
+    protected = {os.path.normpath(p) for p in keep if p} | {os.path.normpath(checkpoints[-1])}
+    removable = [p for p in checkpoints if os.path.normpath(p) not in protected]
+    excess = len(checkpoints) - max(save_total_limit, len(protected))
+    deleted = removable[: max(0, excess)]
+    for path in deleted:
+        logger.info("Deleting older checkpoint [%s] due to save_total_limit=%s", path, save_total_limit)
+        # Rename first: a crash mid-delete leaves a temporary folder (cleaned later), never a partial checkpoint.
+        doomed = os.path.join(os.path.dirname(path), f".tmp-{PREFIX}-deleting-{os.path.basename(path)}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return deleted

@@ -1,0 +1,587 @@
+"""The Trainer: a PyTorch training loop with the reference callback flow and exact, crash-safe resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
+from .callback import CallbackHandler, TrainerCallback
+from .data import ResumableBatchSampler, default_data_collator
+from .distributed import DistInfo, barrier, broadcast_object, mean_across_ranks, setup_distributed
+from .evaluation import EvaluationMixin
+from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
+from .optim import create_optimizer, create_scheduler
+from .registry import resolve_report_to
+from .state import ExportableState, TrainerControl, TrainerState
+
+logger = logging.getLogger(__name__)
+
+
+class TrainOutput(NamedTuple):
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def speed_metrics(split: str, start_time: float, num_samples: int | None = None, num_steps: int | None = None):
+    runtime = time.time() - start_time
+    result = {f"{split}_runtime": round(runtime, 4)}
+    if runtime == 0:
+        return result
+    if num_samples is not None:
+        result[f"{split}_samples_per_second"] = round(num_samples / runtime, 3)
+    if num_steps is not None:
+        result[f"{split}_steps_per_second"] = round(num_steps / runtime, 3)
+    return result
+
+
+def _loss_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, Mapping):
+        if "loss" not in outputs or outputs["loss"] is None:
+            raise ValueError(
+                "The model did not return a loss from the inputs; it must return one when `labels` are given. "
+                f"It returned the keys {list(outputs.keys())}."
+            )
+        return outputs["loss"]
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, (tuple, list)):
+        loss = outputs[0]
+    if loss is None:
+        raise ValueError("The model did not return a loss (a mapping or object with `loss`, or a tuple (loss, ...))")
+    return loss
+
+
+class Trainer(EvaluationMixin):
+    """Train, evaluate and predict with a ``torch.nn.Module`` whose ``forward(**batch)`` returns ``loss``/``logits``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator=None,
+        compute_metrics=None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        processing_class=None,
+    ):
+        if model is None:
+            raise ValueError("Trainer needs a model (a torch.nn.Module)")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Trainer's model must be a torch.nn.Module, got {type(model).__name__}")
+        self.args = args if args is not None else TrainingArguments()
+        self.dist: DistInfo = setup_distributed()
+        set_seed(self.args.seed)
+        self.device = self._pick_device()
+        self.model = model.to(self.device)
+        self._wrapped_model: torch.nn.Module | None = None
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.data_collator = data_collator or default_data_collator
+        self.compute_metrics = compute_metrics
+        self.processing_class = processing_class
+        self.optimizer, self.lr_scheduler = optimizers
+        self.state = TrainerState(
+            is_local_process_zero=self.dist.is_local_zero, is_world_process_zero=self.dist.is_world_zero
+        )
+        self.control = TrainerControl()
+        self.is_in_train = False
+        self._ckpt_writer = ckpt.CheckpointWriter(asynchronous=self.args.async_checkpointing)
+
+        default_callbacks = [DefaultFlowCallback] + resolve_report_to(self.args.report_to)
+        all_callbacks = default_callbacks + list(callbacks or [])
+        all_callbacks.append(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
+        self.callback_handler = CallbackHandler(
+            all_callbacks, self.model, self.processing_class, self.optimizer, self.lr_scheduler
+        )
+        self.callback_handler.strict_integrations = self.args.strict_integrations
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # -- setup -----------------------------------------------------------------------------------------------
+    def _pick_device(self) -> torch.device:
+        if torch.cuda.is_available() and not self.args.use_cpu:
+            return torch.device("cuda", self.dist.local_rank)
+        return torch.device("cpu")
+
+    def add_callback(self, callback) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback) -> None:
+        self.callback_handler.remove_callback(callback)
+
+    def _loader(self, dataset, batch_sampler, generator_seed: int) -> DataLoader:
+        # The loader gets its own generator: creating an iterator must not draw from the global torch RNG,
+        # or a resumed run would see a different random stream than the uninterrupted one.
+        generator = torch.Generator()
+        generator.manual_seed(generator_seed)
+        pin = self.device.type == "cuda"
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=pin,
+            generator=generator,
+            persistent_workers=False,
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset")
+        size = len(self.train_dataset)
+        sampler = ResumableBatchSampler(
+            size,
+            self.args.per_device_train_batch_size,
+            shuffle=True,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            drop_last=self.args.dataloader_drop_last,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
+        )
+        if len(sampler) == 0:
+            raise ValueError(
+                f"the training dataset has {size} samples: fewer than one batch of "
+                f"per_device_train_batch_size={self.args.per_device_train_batch_size} with dataloader_drop_last"
+            )
+        return self._loader(self.train_dataset, sampler, self.args.seed)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset")
+        return self._sequential_loader(dataset)
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        return self._sequential_loader(test_dataset)
+
+    def _sequential_loader(self, dataset) -> DataLoader:
+        if len(dataset) == 0:
+            raise ValueError("the evaluation dataset is empty")
+        sampler = ResumableBatchSampler(
+            len(dataset),
+            self.args.per_device_eval_batch_size,
+            shuffle=False,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
+        )
+        return self._loader(dataset, sampler, self.args.seed)
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        if self.optimizer is None:
+            self.optimizer = create_optimizer(self.model, self.args)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = create_scheduler(self.optimizer, self.args, num_training_steps)
+        self.callback_handler.optimizer = self.optimizer
+        self.callback_handler.lr_scheduler = self.lr_scheduler
+
+    def _training_model(self) -> torch.nn.Module:
+        if self._wrapped_model is not None:
+            return self._wrapped_model
+        model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        if self.args.torch_compile:
+            model = torch.compile(model)
+        self._wrapped_model = model
+        return model
+
+    def _autocast(self):
+        if self.args.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch):
+        if self.device.type == "cpu":
+            return batch
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    # -- resume ----------------------------------------------------------------------------------------------
+    def _resolve_checkpoint(self, resume_from_checkpoint) -> str | None:
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            path = ckpt.latest_valid_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but no valid checkpoint was found in output_dir "
+                    f"{self.args.output_dir!r}"
+                )
+            return path
+        path = os.fspath(resume_from_checkpoint)
+        ckpt.validate_checkpoint(path)
+        return path
+
+    def _read_checkpoint(self, path: str) -> dict[str, Any]:
+        """Read every part of a checkpoint before applying any, so a bad file changes nothing."""
+        try:
+            state = TrainerState.load_from_json(os.path.join(path, ckpt.TRAINER_STATE))
+            loop = ckpt.load_loop_state(path)
+        except (OSError, ValueError, TypeError) as error:
+            raise ckpt.CheckpointError(f"checkpoint {path!r}: unreadable state ({error})") from None
+        return {
+            "weights": ckpt.load_weights(path),
+            "optimizer": ckpt.load_optimizer_state(path),
+            "scheduler": ckpt.load_scheduler_state(path),
+            "rng": ckpt.load_rng_state(path),
+            "state": state,
+            "loop": loop,
+        }
+
+    def _load_weights_into_model(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"{source}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+
+    def _restore_callback_states(self) -> None:
+        if not self.args.restore_callback_states_from_checkpoint:
+            return
+        stored = self.state.stateful_callbacks or {}
+        targets = self.callback_handler.callbacks + [self.control]
+        for name, data in stored.items():
+            entries = data if isinstance(data, list) else [data]
+            matching = [cb for cb in targets if type(cb).__name__ == name]
+            if not matching:
+                logger.warning("Checkpoint holds state for callback %s, which this Trainer does not have", name)
+                continue
+            for callback, entry in zip(matching, entries):
+                for key, value in {**entry.get("args", {}), **entry.get("attributes", {})}.items():
+                    setattr(callback, key, value)
+
+    def _collect_callback_states(self) -> dict[str, Any]:
+        exported: dict[str, Any] = {}
+        for cb in self.callback_handler.callbacks + [self.control]:
+            if isinstance(cb, ExportableState):
+                name = type(cb).__name__
+                value = cb.state()
+                if name in exported:
+                    if not isinstance(exported[name], list):
+                        exported[name] = [exported[name]]
+                    exported[name].append(value)
+                else:
+                    exported[name] = value
+        return exported
+
+    # -- training --------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        """Train; ``resume_from_checkpoint`` is a checkpoint folder, or True for the newest valid one."""
+        if kwargs:
+            raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        args = self.args
+        if args.eval_strategy != IntervalStrategy.NO and self.eval_dataset is None:
+            raise ValueError(
+                f"TrainingArguments.eval_strategy={args.eval_strategy.value!r} needs an eval_dataset"
+            )
+        if self.dist.is_world_zero:
+            ckpt.clean_stale_temporaries(args.output_dir)
+        resume_path = self._resolve_checkpoint(resume_from_checkpoint)
+        resumed = self._read_checkpoint(resume_path) if resume_path else None
+        if resumed is not None:
+            self._load_weights_into_model(resumed["weights"], resume_path)
+
+        train_dataloader = self.get_train_dataloader()
+        sampler: ResumableBatchSampler = train_dataloader.batch_sampler
+        batches_per_epoch = len(sampler)
+        gas = args.gradient_accumulation_steps
+        updates_per_epoch = max(1, math.ceil(batches_per_epoch / gas))
+        if args.max_steps > 0:
+            max_steps = args.max_steps
+            num_train_epochs = math.ceil(max_steps / updates_per_epoch)
+        else:
+            max_steps = math.ceil(args.num_train_epochs * updates_per_epoch)
+            num_train_epochs = math.ceil(args.num_train_epochs)
+
+        self.create_optimizer_and_scheduler(max_steps)
+        model = self._training_model()
+        self.callback_handler.model = self.model
+        self.callback_handler.train_dataloader = train_dataloader
+
+        self.state = TrainerState(
+            stateful_callbacks=[
+                cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)
+            ]
+        )
+        self.state.is_hyper_param_search = False
+        self.state.train_batch_size = args.per_device_train_batch_size
+        self.state.compute_steps(args, max_steps)
+
+        tr_loss = torch.zeros((), device=self.device)
+        self._total_loss_scalar = 0.0
+        self._globalstep_last_logged = 0
+        epochs_trained = 0
+        batches_to_skip = 0
+        if resumed is not None:
+            self.state = resumed["state"]
+            self._restore_callback_states()
+            if resumed["optimizer"] is not None:
+                self.optimizer.load_state_dict(resumed["optimizer"])
+            if resumed["scheduler"] is not None:
+                self.lr_scheduler.load_state_dict(resumed["scheduler"])
+            loop = resumed["loop"]
+            tr_loss = torch.tensor(loop["tr_loss"], dtype=getattr(torch, loop.get("tr_loss_dtype", "float32")),
+                                   device=self.device)
+            self._total_loss_scalar = loop["total_loss_scalar"]
+            self._globalstep_last_logged = loop["globalstep_last_logged"]
+            epochs_trained = self.state.global_step // updates_per_epoch
+            batches_to_skip = (self.state.global_step % updates_per_epoch) * gas
+            logger.info("Resuming from %s at global step %d", resume_path, self.state.global_step)
+        self.state.max_steps = max_steps
+        self.state.num_train_epochs = num_train_epochs
+        self.state.is_local_process_zero = self.dist.is_local_zero
+        self.state.is_world_process_zero = self.dist.is_world_zero
+        self.state.compute_steps(args, max_steps)
+
+        self.is_in_train = True
+        start_time = time.time()
+        model.zero_grad(set_to_none=True)
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        if resumed is not None and resumed["rng"] is not None:
+            ckpt.restore_rng_state(resumed["rng"])
+
+        grad_norm: float | None = None
+        handler = self.callback_handler
+        state = self.state
+        clip = args.max_grad_norm is not None and args.max_grad_norm > 0
+        try:
+            for epoch in range(epochs_trained, num_train_epochs):
+                skipped = batches_to_skip if epoch == epochs_trained else 0
+                sampler.set_epoch(epoch, skipped)
+                train_dataloader.generator.manual_seed(args.seed + epoch)
+                self.control = handler.on_epoch_begin(args, state, self.control)
+                step = -1
+                for batch_index, inputs in enumerate(train_dataloader, start=skipped):
+                    step = batch_index
+                    position = step % gas
+                    if position == 0:
+                        self.control = handler.on_step_begin(args, state, self.control)
+                        group = min(gas, batches_per_epoch - step)
+                    tr_loss = tr_loss + self.training_step(model, inputs, group)
+                    if position + 1 == group:
+                        if clip:
+                            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        self.control = handler.on_pre_optimizer_step(args, state, self.control)
+                        self.optimizer.step()
+                        self.control = handler.on_optimizer_step(args, state, self.control)
+                        self.lr_scheduler.step()
+                        model.zero_grad(set_to_none=True)
+                        state.global_step += 1
+                        state.epoch = epoch + (step + 1) / batches_per_epoch
+                        self.control = handler.on_step_end(args, state, self.control)
+                        tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, start_time)
+                    else:
+                        self.control = handler.on_substep_end(args, state, self.control)
+                    if self.control.should_epoch_stop or self.control.should_training_stop:
+                        break
+                if step < 0:
+                    logger.warning("There seems not to be a single sample in your epoch_iterator, stopping training")
+                    self.control.should_training_stop = True
+                self.control = handler.on_epoch_end(args, state, self.control)
+                tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, start_time)
+                if self.control.should_training_stop:
+                    break
+            self._ckpt_writer.wait()
+        finally:
+            self.is_in_train = False
+
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            self._load_best_model()
+
+        self._total_loss_scalar += float(mean_across_ranks(tr_loss, self.dist))
+        train_loss = self._total_loss_scalar / max(state.global_step, 0.001)
+        metrics = speed_metrics(
+            "train",
+            start_time,
+            num_samples=max_steps * args.per_device_train_batch_size * gas * self.dist.world_size,
+            num_steps=max_steps,
+        )
+        metrics["total_flos"] = state.total_flos
+        metrics["train_loss"] = train_loss
+        self.log(metrics)
+        if self.dist.is_world_zero and args.save_total_limit:
+            ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, [state.best_model_checkpoint])
+        self.control = handler.on_train_end(args, state, self.control)
+        return TrainOutput(state.global_step, train_loss, metrics)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], group_size: int = 1) -> torch.Tensor:
+        """Forward and backward one micro-batch; returns the detached loss scaled by the accumulation group."""
+        model.train()
+        inputs = self._to_device(inputs)
+        with self._autocast():
+            loss = self.compute_loss(model, inputs)
+        if group_size > 1:
+            loss = loss / group_size
+        loss.backward()
+        return loss.detach()
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False):
+        outputs = model(**inputs)
+        loss = _loss_of(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm, start_time: float) -> torch.Tensor:
+        control = self.control
+        self._ckpt_writer.poll()
+        if control.should_log and self.state.global_step > self._globalstep_last_logged:
+            tr_loss_scalar = float(mean_across_ranks(tr_loss, self.dist))
+            tr_loss = torch.zeros_like(tr_loss)
+            logs: dict[str, float] = {
+                "loss": tr_loss_scalar / (self.state.global_step - self._globalstep_last_logged)
+            }
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            logs["learning_rate"] = self._get_learning_rate()
+            self._total_loss_scalar += tr_loss_scalar
+            self._globalstep_last_logged = self.state.global_step
+            self.log(logs)
+        if self.control.should_evaluate:
+            metrics = self.evaluate()
+            new_best = self._determine_best_metric(metrics)
+            if self.args.save_strategy == SaveStrategy.BEST:
+                self.control.should_save = new_best
+        if self.control.should_save:
+            self._save_checkpoint(tr_loss)
+        return tr_loss
+
+    def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
+        name = self.args.metric_for_best_model
+        if name is None:
+            return False
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"TrainingArguments.metric_for_best_model={name!r}: {key!r} is not in the evaluation metrics "
+                f"{sorted(metrics)}; set it to one of them"
+            )
+        value = metrics[key]
+        best = self.state.best_metric
+        better = best is None or (value > best if self.args.greater_is_better else value < best)
+        if better:
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
+        return better
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Record ``logs`` (with the current epoch and step) in log_history and send them to the callbacks."""
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        output = {**logs, "step": self.state.global_step}
+        self.state.log_history.append(output)
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    # -- saving ----------------------------------------------------------------------------------------------
+    def _state_dict_copy(self, live: bool) -> dict[str, torch.Tensor]:
+        weights = {k: v.detach() for k, v in self.model.state_dict().items()}
+        if not live:
+            return {k: v.to("cpu", copy=True).contiguous() for k, v in weights.items()}
+        return {k: v.contiguous().cpu() for k, v in weights.items()}
+
+    def _save_checkpoint(self, tr_loss: torch.Tensor) -> None:
+        step = self.state.global_step
+        folder = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}-{step}")
+        if self.state.best_global_step is not None:
+            best = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}-{self.state.best_global_step}")
+            if self.state.best_global_step == step or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+        self.state.stateful_callbacks = self._collect_callback_states()
+        if self.dist.is_world_zero:
+            copy = self._ckpt_writer.asynchronous
+            optimizer_state = self.optimizer.state_dict()
+            if copy:
+                optimizer_state = _deep_copy_tensors(optimizer_state)
+            payload = ckpt.CheckpointPayload(
+                step=step,
+                weights=self._state_dict_copy(live=not copy),
+                optimizer=optimizer_state,
+                scheduler=self.lr_scheduler.state_dict(),
+                rng=ckpt.capture_rng_state(),
+                trainer_state_json=self.state.to_json_string(),
+                loop_state={
+                    "tr_loss": float(tr_loss),
+                    "tr_loss_dtype": str(tr_loss.dtype).replace("torch.", ""),
+                    "total_loss_scalar": self._total_loss_scalar,
+                    "globalstep_last_logged": self._globalstep_last_logged,
+                },
+                args_json=self.args.to_json_string(),
+            )
+            self._ckpt_writer.submit(payload, self.args.output_dir, self._on_checkpoint_written)
+        else:
+            self._on_checkpoint_written(folder)
+        barrier(self.dist)
+
+    def _on_checkpoint_written(self, folder: str) -> None:
+        if self.dist.is_world_zero and self.args.save_total_limit:
+            ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, [self.state.best_model_checkpoint])
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _load_best_model(self) -> None:
+        path = self.state.best_model_checkpoint
+        try:
+            ckpt.validate_checkpoint(path)
+        except ckpt.CheckpointError as error:
+            logger.warning("Could not load the best model: %s", error)
+            return
+        logger.info("Loading best model from %s (score: %s).", path, self.state.best_metric)
+        self._load_weights_into_model(ckpt.load_weights(path), path)
+
+    def save_model(self, output_dir: str | None = None) -> str:
+        """Write the model's weights (safetensors) and the arguments to ``output_dir``, atomically per file."""
+        from safetensors.torch import save_file
+
+        output_dir = output_dir or self.args.output_dir
+        if self.dist.is_world_zero:
+            os.makedirs(output_dir, exist_ok=True)
+            weights = self._state_dict_copy(live=True)
+            target = os.path.join(output_dir, ckpt.WEIGHTS)
+            save_file(weights, target + ".tmp", metadata={"format": "pt"})
+            os.replace(target + ".tmp", target)
+            with open(os.path.join(output_dir, ckpt.ARGS), "w", encoding="utf-8") as f:
+                f.write(self.args.to_json_string())
+            config = getattr(self.model, "config", None)
+            if isinstance(config, dict):
+                with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
+                    json.dump(config, f, indent=2, sort_keys=True)
+        broadcast_object(None, self.dist)
+        return output_dir
+
+
+def _deep_copy_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _deep_copy_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deep_copy_tensors(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_deep_copy_tensors(v) for v in obj)
+    return obj

@@ -1,0 +1,1 @@
+"""The flytrain pipeline (prepare -> train -> evaluate) and its Flyte and DVC entry points."""
