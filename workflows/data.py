@@ -1,0 +1,147 @@
+"""Data for the pipeline: load the source (digits, CSV or Parquet), split it, store and read the splits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+SPLITS = ("train", "val", "test")
+META = "meta.json"
+
+
+def load_source(config: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features (float32), integer labels and the class names."""
+    if config.source == "digits":
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        return (x / 16.0).astype(np.float32), y.astype(np.int64), [str(i) for i in range(10)]
+    path = config.source
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.source: file {path!r} does not exist (expected 'digits' or a .csv/.parquet file)")
+    import pandas as pd
+
+    if path.endswith(".csv"):
+        frame = pd.read_csv(path)
+    elif path.endswith(".parquet"):
+        frame = pd.read_parquet(path)
+    else:
+        raise ConfigError(f"data.source: {path!r} must end in .csv or .parquet")
+    if frame.empty:
+        raise ConfigError(f"data.source: {path!r} holds no rows")
+    if config.label_column not in frame.columns:
+        raise ConfigError(
+            f"data.label_column: {config.label_column!r} is not a column of {path!r}; columns are {list(frame.columns)}"
+        )
+    labels_raw = frame.pop(config.label_column)
+    non_numeric = [c for c in frame.columns if not np.issubdtype(frame[c].dtype, np.number)]
+    if non_numeric:
+        raise ConfigError(f"data.source: {path!r} has non-numeric feature columns {non_numeric}")
+    if frame.shape[1] == 0:
+        raise ConfigError(f"data.source: {path!r} has no feature columns besides {config.label_column!r}")
+    classes = sorted(labels_raw.astype(str).unique())
+    index = {c: i for i, c in enumerate(classes)}
+    labels = labels_raw.astype(str).map(index).to_numpy(dtype=np.int64)
+    features = frame.to_numpy(dtype=np.float32)
+    if not np.isfinite(features).all():
+        raise ConfigError(f"data.source: {path!r} has missing or non-finite feature values")
+    return features, labels, classes
+
+
+def split(features: np.ndarray, labels: np.ndarray, config: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A stratified train / val / test split with a fixed seed."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(labels)
+    n_classes = len(np.unique(labels))
+    min_needed = max(10, 3 * n_classes)
+    if n < min_needed:
+        raise ConfigError(f"data.source: {n} examples are too few to split (need at least {min_needed})")
+    stratify = labels if np.bincount(labels).min() >= 3 else None
+    rest_x, test_x, rest_y, test_y = train_test_split(
+        features, labels, test_size=config.test_fraction, random_state=config.split_seed, stratify=stratify
+    )
+    val_share = config.val_fraction / (1 - config.test_fraction)
+    stratify_rest = rest_y if stratify is not None else None
+    train_x, val_x, train_y, val_y = train_test_split(
+        rest_x, rest_y, test_size=val_share, random_state=config.split_seed, stratify=stratify_rest
+    )
+    return {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
+
+
+def write_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], out_dir: str) -> None:
+    """Write ``<split>.npz`` files and meta.json into ``out_dir`` (replaced as a whole, never half-written)."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        import shutil
+
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    train_x = splits["train"][0]
+    mean = train_x.mean(axis=0)
+    std = train_x.std(axis=0)
+    std[std == 0] = 1.0
+    for name, (x, y) in splits.items():
+        np.savez(os.path.join(tmp, f"{name}.npz"), x=((x - mean) / std).astype(np.float32), y=y.astype(np.int64))
+    meta = {
+        "n_features": int(train_x.shape[1]),
+        "n_classes": len(classes),
+        "classes": classes,
+        "sizes": {k: int(len(v[1])) for k, v in splits.items()},
+    }
+    with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    _replace_dir(tmp, out_dir)
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    import shutil
+
+    if os.path.exists(final):
+        old = final.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+        os.rename(tmp, final)
+
+
+def read_meta(data_dir: str) -> dict:
+    path = os.path.join(data_dir, META)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run the prepare stage first")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Dict samples ``{"x", "labels"}`` over in-memory tensors; ``__getitems__`` fetches a batch at once."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x = torch.from_numpy(np.ascontiguousarray(x))
+        self.y = torch.from_numpy(np.ascontiguousarray(y))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return {"x": self.x[index], "labels": self.y[index]}
+
+
+def load_split(data_dir: str, name: str) -> ArrayDataset:
+    path = os.path.join(data_dir, f"{name}.npz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run the prepare stage first")
+    with np.load(path, allow_pickle=False) as data:
+        return ArrayDataset(data["x"], data["y"])

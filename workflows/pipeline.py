@@ -1,0 +1,222 @@
+"""The pipeline as plain functions over paths: prepare → train → evaluate.
+
+Flyte tasks (workflows/training.py) and DVC stages (``python -m workflows <stage>``) are thin entry points over
+these functions, so both give the same results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from trainer_lib import EarlyStoppingCallback, Trainer, TrainingArguments
+from trainer_lib import checkpoint as ckpt
+from trainer_lib.checkpoint import load_weights
+
+from . import data as data_lib
+from .config import ConfigError, PipelineConfig
+from .models import build_model
+
+logger = logging.getLogger(__name__)
+
+#: log keys that measure time: left out of files that must be byte-identical between identical runs
+TIMING_SUFFIXES = ("_runtime", "_per_second")
+RUN_CONFIG = "run_config.json"
+
+
+def prepare(config: PipelineConfig, data_dir: str) -> dict[str, Any]:
+    """Load the source, split it and write the splits into ``data_dir``; returns the split metadata."""
+    features, labels, classes = data_lib.load_source(config.data)
+    splits = data_lib.split(features, labels, config.data)
+    data_lib.write_splits(splits, classes, data_dir)
+    return data_lib.read_meta(data_dir)
+
+
+def accuracy_metrics(prediction) -> dict[str, float]:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def training_arguments(config: PipelineConfig, output_dir: str, **overrides: Any) -> TrainingArguments:
+    """TrainingArguments from the config's training section; an invalid value names its config key."""
+    values = {k: v for k, v in config.to_dict()["training"].items() if k != "early_stopping_patience"}
+    values.update(output_dir=output_dir, disable_tqdm=True, logging_first_step=True)
+    values.update(overrides)
+    try:
+        return TrainingArguments(**values)
+    except ValueError as error:
+        raise ConfigError(str(error).replace("TrainingArguments.", "training.")) from None
+
+
+def _config_digest(config: PipelineConfig) -> str:
+    relevant = {k: v for k, v in config.to_dict().items()}
+    relevant["training"] = {k: v for k, v in relevant["training"].items() if k != "report_to"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _checkpoint_to_resume(config: PipelineConfig, checkpoint_dir: str) -> str | None:
+    """The newest valid checkpoint of this same config; checkpoints of another config are set aside."""
+    marker = os.path.join(checkpoint_dir, RUN_CONFIG)
+    digest = _config_digest(config)
+    if ckpt.list_checkpoints(checkpoint_dir):
+        stored = None
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as f:
+                stored = json.load(f).get("digest")
+        if stored != digest:
+            previous = checkpoint_dir.rstrip("/") + ".previous"
+            logger.warning("checkpoints in %s belong to another config; moving them to %s", checkpoint_dir, previous)
+            shutil.rmtree(previous, ignore_errors=True)
+            os.rename(checkpoint_dir, previous)
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump({"digest": digest, "config": config.to_dict()}, f, indent=2, sort_keys=True)
+    return ckpt.latest_valid_checkpoint(checkpoint_dir)
+
+
+def build_trainer(
+    config: PipelineConfig, data_dir: str, checkpoint_dir: str, callbacks: list | None = None, **overrides: Any
+) -> Trainer:
+    meta = data_lib.read_meta(data_dir)
+    args = training_arguments(config, checkpoint_dir, **overrides)
+    from trainer_lib import set_seed
+
+    set_seed(args.seed)
+    model = build_model(config.model, meta["n_features"], meta["n_classes"])
+    all_callbacks = list(callbacks or [])
+    if config.training.early_stopping_patience > 0:
+        all_callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
+    return Trainer(
+        model,
+        args,
+        train_dataset=data_lib.load_split(data_dir, "train"),
+        eval_dataset=data_lib.load_split(data_dir, "val"),
+        compute_metrics=accuracy_metrics,
+        callbacks=all_callbacks,
+    )
+
+
+def _without_timing(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if not k.endswith(TIMING_SUFFIXES)}
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def train(
+    config: PipelineConfig,
+    data_dir: str,
+    checkpoint_dir: str,
+    model_dir: str,
+    *,
+    resume: bool | str = True,
+    callbacks: list | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train (continuing from the newest checkpoint of the same config when ``resume``) and write the model.
+
+    ``model_dir`` receives model.safetensors, config.json, meta.json, training_args.json, log_history.json and
+    train_metrics.json; it is replaced only when training succeeded.
+    """
+    trainer = build_trainer(config, data_dir, checkpoint_dir, callbacks, **overrides)
+    if resume is True:
+        resume_from = _checkpoint_to_resume(config, checkpoint_dir)
+    elif resume:
+        resume_from = resume
+    else:
+        resume_from = None
+    if resume_from:
+        logger.info("resuming from %s", resume_from)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+
+    tmp = model_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(tmp)
+    _write_json(os.path.join(tmp, "config.json"), trainer.model.config)
+    shutil.copy(os.path.join(data_dir, data_lib.META), os.path.join(tmp, data_lib.META))
+    history = [_without_timing(entry) for entry in trainer.state.log_history]
+    _write_json(os.path.join(tmp, "log_history.json"), history)
+    summary = _without_timing(output.metrics)
+    summary.update(
+        global_step=output.global_step,
+        best_metric=trainer.state.best_metric,
+        best_global_step=trainer.state.best_global_step,
+    )
+    _write_json(os.path.join(tmp, "train_metrics.json"), summary)
+    data_lib._replace_dir(tmp, model_dir)
+    return {"global_step": output.global_step, "train_loss": output.training_loss, "resumed_from": resume_from}
+
+
+def load_model(model_dir: str):
+    """Rebuild the model from ``model_dir`` (config.json + model.safetensors; nothing is unpickled)."""
+    from .models import MLPClassifier
+
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run the train stage first")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    model = MLPClassifier(cfg["n_features"], cfg["n_classes"], cfg["hidden_sizes"], cfg["dropout"])
+    model.load_state_dict(load_weights(model_dir))
+    return model
+
+
+def evaluate(config: PipelineConfig, data_dir: str, model_dir: str, out_dir: str) -> dict[str, float]:
+    """Test-set metrics (metrics.json), a confusion matrix (confusion.csv) and training curves (CSV) in ``out_dir``."""
+    model = load_model(model_dir)
+    meta = data_lib.read_meta(data_dir)
+    test = data_lib.load_split(data_dir, "test")
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, ".eval"),
+        per_device_eval_batch_size=config.training.per_device_eval_batch_size,
+        disable_tqdm=True,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = Trainer(model, args, compute_metrics=accuracy_metrics)
+    prediction = trainer.predict(test)
+    metrics = {k: round(float(v), 6) for k, v in _without_timing(prediction.metrics).items()}
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+
+    classes = meta["classes"]
+    predicted = prediction.predictions.argmax(-1)
+    with open(os.path.join(out_dir, "confusion.csv"), "w", encoding="utf-8") as f:
+        f.write("actual,predicted\n")
+        for actual, guess in zip(prediction.label_ids.tolist(), predicted.tolist()):
+            f.write(f"{classes[actual]},{classes[guess]}\n")
+    _write_curves(model_dir, out_dir)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    return metrics
+
+
+def _write_curves(model_dir: str, out_dir: str) -> None:
+    with open(os.path.join(model_dir, "log_history.json"), encoding="utf-8") as f:
+        history = json.load(f)
+    with open(os.path.join(out_dir, "train_curve.csv"), "w", encoding="utf-8") as f:
+        f.write("step,loss,learning_rate\n")
+        for entry in history:
+            if "loss" in entry:
+                f.write(f"{entry['step']},{entry['loss']:.6f},{entry['learning_rate']:.8g}\n")
+    eval_keys = sorted({k for e in history for k in e if k.startswith("eval_")})
+    with open(os.path.join(out_dir, "eval_curve.csv"), "w", encoding="utf-8") as f:
+        f.write(",".join(["step"] + eval_keys) + "\n")
+        for entry in history:
+            if any(k in entry for k in eval_keys):
+                f.write(",".join([str(entry["step"])] + [f"{entry.get(k, np.nan):.6f}" for k in eval_keys]) + "\n")
+
+
+def run(config: PipelineConfig, workdir: str) -> dict[str, float]:
+    """The whole pipeline in ``workdir`` (data/, checkpoints/, model/, metrics/); returns the test metrics."""
+    data_dir = os.path.join(workdir, "data")
+    prepare(config, data_dir)
+    train(config, data_dir, os.path.join(workdir, "checkpoints"), os.path.join(workdir, "model"))
+    return evaluate(config, data_dir, os.path.join(workdir, "model"), os.path.join(workdir, "metrics"))
