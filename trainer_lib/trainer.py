@@ -372,6 +372,8 @@ class Trainer(EvaluationMixin):
         clip = args.max_grad_norm is not None and args.max_grad_norm > 0
         try:
             for epoch in range(epochs_trained, num_train_epochs):
+                if state.global_step >= max_steps:
+                    break  # resumed from the final checkpoint: nothing left to train
                 skipped = batches_to_skip if epoch == epochs_trained else 0
                 sampler.set_epoch(epoch, skipped)
                 train_dataloader.generator.manual_seed(args.seed + epoch)
