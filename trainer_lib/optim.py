@@ -12,13 +12,14 @@ from .arguments import SchedulerType, TrainingArguments
 
 def create_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
     """AdamW; biases and normalisation weights (1-D parameters) get no weight decay."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.weight_decay == 0:
+        groups = [{"params": params, "weight_decay": 0.0}]  # one group: the same math, less per-step work
+    else:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay}]
+        no_decay = [p for p in params if p.ndim < 2]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(
         groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
     )

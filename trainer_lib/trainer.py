@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
-from .callback import CallbackHandler, TrainerCallback
+from .callback import CallbackHandler
 from .data import ResumableBatchSampler, default_data_collator
 from .distributed import DistInfo, barrier, broadcast_object, mean_across_ranks, setup_distributed
 from .evaluation import EvaluationMixin
@@ -362,6 +362,7 @@ class Trainer(EvaluationMixin):
         self.is_in_train = True
         start_time = time.time()
         model.zero_grad(set_to_none=True)
+        model.train()  # once: evaluation restores the mode it found, so the per-step cost stays out of the loop
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         if resumed is not None and resumed["rng"] is not None:
             ckpt.restore_rng_state(resumed["rng"])
@@ -434,7 +435,6 @@ class Trainer(EvaluationMixin):
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], group_size: int = 1) -> torch.Tensor:
         """Forward and backward one micro-batch; returns the detached loss scaled by the accumulation group."""
-        model.train()
         inputs = self._to_device(inputs)
         with self._autocast():
             loss = self.compute_loss(model, inputs)

@@ -38,7 +38,7 @@ class ModelConfig:
     """A multi-layer perceptron classifier."""
 
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
-    dropout: float = 0.1
+    dropout: float = 0.2
 
 
 @dataclass
@@ -114,6 +114,11 @@ class PipelineConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a mapping or a file path, got {text!r}")
         return cls.from_dict(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> PipelineConfig:
+        """Strict JSON parsing; ``pyflyte run --config`` uses it, so an unknown key is an error there too."""
+        return cls.from_dict(json.loads(text))
 
     def digest(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -1,0 +1,33 @@
+# flytrain — one command to set up and run the default job, one to set up and run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-all bench lint clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: it is the CPU wheel; an open range alone would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[all,dev]"
+	touch $@
+
+run: setup
+	$(PY) -m workflows run --workdir outputs
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench
+
+lint: setup
+	$(VENV)/bin/ruff check trainer_lib callbacks workflows tests bench
+
+clean:
+	rm -rf outputs .pytest_cache
