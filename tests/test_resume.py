@@ -47,13 +47,14 @@ def assert_same_run(a: Trainer, b: Trainer):
     assert comparable(a.state.log_history) == comparable(b.state.log_history)
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path):
-    full = make_trainer(tmp_path / "full")
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_resume_mid_epoch_is_bit_exact(tmp_path, asynchronous):
+    full = make_trainer(tmp_path / "full", async_checkpointing=asynchronous)
     full.train()
     # 200 samples / 16 = 13 micro-batches per epoch, gas 2 → 7 updates per epoch; step 10 is mid epoch 2
     partial_dir = tmp_path / "partial"
     shutil.copytree(tmp_path / "full" / "checkpoint-10", partial_dir / "checkpoint-10")
-    resumed = make_trainer(partial_dir)
+    resumed = make_trainer(partial_dir, async_checkpointing=asynchronous)
     resumed.train(resume_from_checkpoint=str(partial_dir / "checkpoint-10"))
     assert resumed.state.global_step == full.state.global_step == 21
     assert_same_run(full, resumed)
@@ -177,18 +178,18 @@ class Slow(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         time.sleep(0.05)
 
-t = make_trainer(sys.argv[1], callbacks=[Slow()], save_steps=3)
+t = make_trainer(sys.argv[1], callbacks=[Slow()], save_steps=3, async_checkpointing=sys.argv[3] == "async")
 t.train(resume_from_checkpoint=(sys.argv[2] == "resume") or None)
 """
 
 
-@pytest.mark.parametrize("kill_after_checkpoints", [1, 3])
-def test_kill_9_then_resume_matches_uninterrupted(tmp_path, kill_after_checkpoints):
+@pytest.mark.parametrize("kill_after_checkpoints, mode", [(1, "sync"), (3, "sync"), (2, "async")])
+def test_kill_9_then_resume_matches_uninterrupted(tmp_path, kill_after_checkpoints, mode):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "train.py"
     script.write_text(KILL_SCRIPT.format(root=root))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(out), "fresh"])
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "fresh", mode])
     deadline = time.time() + 120
     while time.time() < deadline:
         if len(list(out.glob("checkpoint-*"))) >= kill_after_checkpoints:
@@ -197,7 +198,7 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, kill_after_checkpoin
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list(out.glob("checkpoint-*")), "no checkpoint was written before the kill"
-    subprocess.run([sys.executable, str(script), str(out), "resume"], check=True)
+    subprocess.run([sys.executable, str(script), str(out), "resume", mode], check=True)
     full = make_trainer(tmp_path / "full", save_steps=3)
     full.train()
     final = json.loads((out / "checkpoint-21" / "trainer_state.json").read_text())

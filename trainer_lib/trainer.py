@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -510,22 +511,21 @@ class Trainer(EvaluationMixin):
 
     def _save_checkpoint(self, tr_loss: torch.Tensor) -> None:
         step = self.state.global_step
-        folder = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}-{step}")
         if self.state.best_global_step is not None:
             best = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}-{self.state.best_global_step}")
             if self.state.best_global_step == step or os.path.isdir(best):
                 self.state.best_model_checkpoint = best
         self.state.stateful_callbacks = self._collect_callback_states()
         if self.dist.is_world_zero:
-            copy = self._ckpt_writer.asynchronous
+            detach = self._ckpt_writer.asynchronous  # a background write needs its own copy of the state
             optimizer_state = self.optimizer.state_dict()
-            if copy:
+            if detach:
                 optimizer_state = _deep_copy_tensors(optimizer_state)
             payload = ckpt.CheckpointPayload(
                 step=step,
-                weights=self._state_dict_copy(live=not copy),
+                weights=self._state_dict_copy(live=not detach),
                 optimizer=optimizer_state,
-                scheduler=self.lr_scheduler.state_dict(),
+                scheduler=copy.deepcopy(self.lr_scheduler.state_dict()),
                 rng=ckpt.capture_rng_state(),
                 trainer_state_json=self.state.to_json_string(),
                 loop_state={
@@ -536,15 +536,22 @@ class Trainer(EvaluationMixin):
                 },
                 args_json=self.args.to_json_string(),
             )
+            if detach:
+                self.control.should_save = False
             self._ckpt_writer.submit(payload, self.args.output_dir, self._on_checkpoint_written)
         else:
-            self._on_checkpoint_written(folder)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         barrier(self.dist)
 
     def _on_checkpoint_written(self, folder: str) -> None:
         if self.dist.is_world_zero and self.args.save_total_limit:
             ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, [self.state.best_model_checkpoint])
-        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        if self._ckpt_writer.asynchronous:
+            # Completion of a background write, seen steps later: fire on_save without touching the flags that
+            # the flow callback may have set for the current step (should_save was cleared at submission).
+            self.control = self.callback_handler.call_event("on_save", self.args, self.state, self.control)
+        else:
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
     def _load_best_model(self) -> None:
         path = self.state.best_model_checkpoint
