@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -144,3 +145,24 @@ class TrackerCallback(IntegrationCallback):
             self.setup(args, state, model, **kwargs)
             self._initialized = True
         return True
+
+
+#: metrics the Trainer logs once, at the end of training: trackers put them in the run summary, not in charts
+RUN_SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
+
+
+def save_model_files(model, folder: str) -> str:
+    """Write ``model``'s weights (safetensors) and its dict config (config.json) into ``folder`` for an artifact."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = getattr(model, "config", None)
+    if isinstance(config, Mapping):
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(redact(config), f, indent=2, sort_keys=True, default=str)
+    elif config is not None and hasattr(config, "to_dict"):
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(redact(config.to_dict()), f, indent=2, sort_keys=True, default=str)
+    return folder

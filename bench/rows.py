@@ -1,0 +1,157 @@
+"""Benchmark rows beyond the core loop: checkpoint stall, resume cost, import cost, evaluation throughput."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from trainer_lib import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from .core import BATCH, digits_dataset, new_model
+
+
+class _Wide(torch.nn.Module):
+    """About 25M parameters: big enough that writing a checkpoint takes real time."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"kind": "wide"}
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 4096), torch.nn.ReLU(),
+            torch.nn.Linear(4096, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048), torch.nn.ReLU(),
+            torch.nn.Linear(2048, 10),
+        )
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def _wide_run(steps: int, save_every: int | None, asynchronous: bool) -> float:
+    set_seed(0)
+    model = _Wide()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=1e-4,
+            lr_scheduler_type="constant", logging_steps=10_000, eval_strategy="no", disable_tqdm=True,
+            save_strategy="steps" if save_every else "no", save_steps=save_every or 500, save_total_limit=2,
+            async_checkpointing=asynchronous,
+        )
+        trainer = Trainer(model, args, train_dataset=digits_dataset())
+        start = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - start
+
+
+def checkpoint_stall(steps: int = 200, save_every: int = 50) -> dict[str, float]:
+    """Training time lost per checkpoint, background writer vs synchronous save of the same state."""
+    n = steps // save_every
+    _wide_run(20, None, False)  # warm-up
+    base, sync, asyn = [], [], []
+    for _ in range(2):
+        base.append(_wide_run(steps, None, False))
+        sync.append(_wide_run(steps, save_every, False))
+        asyn.append(_wide_run(steps, save_every, True))
+    b = statistics.median(base)
+    lost_sync = max(0.0, (statistics.median(sync) - b) / n)
+    lost_async = max(0.0, (statistics.median(asyn) - b) / n)
+    params = sum(p.numel() for p in _Wide().parameters())
+    return {"params": params, "lost_sync_s": lost_sync, "lost_async_s": lost_async,
+            "ratio": lost_async / lost_sync if lost_sync else float("nan")}
+
+
+class _FirstStep(TrainerCallback):
+    def __init__(self, start: float):
+        self.start, self.elapsed = start, None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.elapsed is None:
+            self.elapsed = time.perf_counter() - self.start
+            control.should_training_stop = True
+
+
+def _time_to_first_step(out: str, resume: str | None) -> float:
+    args = TrainingArguments(output_dir=out, num_train_epochs=3, per_device_train_batch_size=BATCH,
+                             learning_rate=1e-3, save_steps=70, logging_steps=10_000, disable_tqdm=True)
+    trainer = Trainer(new_model(), args, train_dataset=digits_dataset())
+    probe = _FirstStep(time.perf_counter())
+    trainer.add_callback(probe)
+    probe.start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    return probe.elapsed
+
+
+def resume_cost(repeats: int = 5) -> dict[str, float]:
+    """Start-to-first-optimizer-step when resuming mid-epoch (step 70 of 57/epoch) against a fresh start."""
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, max_steps=70, per_device_train_batch_size=BATCH, save_steps=70,
+                                 learning_rate=1e-3, logging_steps=10_000, disable_tqdm=True)
+        Trainer(new_model(), args, train_dataset=digits_dataset()).train()
+        ckpt = os.path.join(out, "checkpoint-70")
+        fresh, resumed = [], []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as a:
+                fresh.append(_time_to_first_step(a, None))
+            with tempfile.TemporaryDirectory() as b:
+                resumed.append(_time_to_first_step(b, ckpt))
+    f, r = statistics.median(fresh), statistics.median(resumed)
+    return {"fresh_s": f, "resume_s": r, "ratio": r / f}
+
+
+def import_cost(repeats: int = 7) -> dict[str, float]:
+    """Seconds that ``import trainer_lib, callbacks`` adds after ``import torch`` (fresh interpreters)."""
+    code = ("import time, torch; t = time.perf_counter(); import trainer_lib, callbacks; "
+            "print(time.perf_counter() - t)")
+    times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+             for _ in range(repeats)]
+    return {"seconds": statistics.median(times)}
+
+
+def eval_throughput(repeats: int = 5, passes: int = 20) -> dict[str, float]:
+    """Trainer.evaluate against a hand-written torch.inference_mode() loop over the same batches."""
+    dataset = digits_dataset()
+    model = new_model()
+    model.eval()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_eval_batch_size=256, disable_tqdm=True)
+        trainer = Trainer(model, args, eval_dataset=dataset,
+                          compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
+        trainer.pop_callback(trainer.callback_handler.callbacks[-1])  # no printing in a timing loop
+        loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=lambda b: b)
+
+        def hand() -> float:
+            start = time.perf_counter()
+            for _ in range(passes):
+                logits, labels, loss_sum = [], [], 0.0
+                with torch.inference_mode():
+                    for batch in loader:
+                        out_ = model(**batch)
+                        loss_sum += out_["loss"].item() * len(batch["labels"])
+                        logits.append(out_["logits"])
+                        labels.append(batch["labels"])
+                preds = torch.cat(logits).numpy()
+                _ = float((preds.argmax(-1) == torch.cat(labels).numpy()).mean())
+            return passes * len(dataset) / (time.perf_counter() - start)
+
+        def ours() -> float:
+            start = time.perf_counter()
+            for _ in range(passes):
+                trainer.evaluate()
+            return passes * len(dataset) / (time.perf_counter() - start)
+
+        hand(), ours()
+        h, o = [], []
+        for _ in range(repeats):
+            h.append(hand())
+            o.append(ours())
+    hs, os_ = statistics.median(h), statistics.median(o)
+    return {"hand_samples_per_s": hs, "trainer_samples_per_s": os_, "ratio": os_ / hs}

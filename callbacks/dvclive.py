@@ -1,0 +1,182 @@
+"""DVCLive: params, metrics against the global step (the x-axis of ``dvc plots``) and model artifacts.
+
+DVCLive's step is set to ``state.global_step`` at every log, so a plot row's ``step`` is the training step, not
+the number of log events. A resumed training reopens the same folder with ``resume=True`` after cutting the rows a
+previous attempt wrote after the checkpoint, so no step appears twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+from typing import Any
+
+from trainer_lib.checkpoint import list_checkpoints
+
+from ._common import (
+    RUN_SUMMARY_KEYS,
+    TrackerCallback,
+    logger,
+    numeric_items,
+    rewrite_logs,
+    save_model_files,
+    training_params,
+)
+
+
+def _log_model_from_env() -> bool | str:
+    raw = os.environ.get("HF_DVCLIVE_LOG_MODEL", "").strip().lower()
+    if raw == "all":
+        return "all"
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"environment variable HF_DVCLIVE_LOG_MODEL={raw!r}: expected true, false or all")
+
+
+def _find_dvc_root(start: str) -> str | None:
+    path = os.path.realpath(start)
+    while True:
+        if os.path.isdir(os.path.join(path, ".dvc")):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def _live_class():
+    """DVCLive's ``Live``, except that it never runs ``dvc init`` in a Git repository that has no DVC."""
+    from dvclive import Live
+
+    class _Live(Live):
+        def _init_dvc(self):
+            if os.getenv("DVC_ROOT") or _find_dvc_root(os.getcwd()):
+                return super()._init_dvc()
+            logger.debug("DVCLive: no DVC repository above %s; logging to files only", os.getcwd())
+            self._dvc_file = self._init_dvc_file()
+
+    return _Live
+
+
+def truncate_history(live_dir: str, last_step: int) -> None:
+    """Drop plot rows logged after ``last_step`` and rebuild metrics.json from what is left."""
+    metrics_root = os.path.join(live_dir, "plots", "metrics")
+    summary: dict[str, Any] = {}
+    for path in sorted(glob.glob(os.path.join(metrics_root, "**", "*.tsv"), recursive=True)):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            fields = reader.fieldnames or []
+            rows = [row for row in reader if int(float(row["step"])) <= last_step]
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fields, delimiter="\t", lineterminator=os.linesep)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        if rows:
+            name = os.path.relpath(path, metrics_root)[: -len(".tsv")].split(os.sep)
+            node = summary
+            for part in name[:-1]:
+                node = node.setdefault(part, {})
+            node[name[-1]] = _number(rows[-1][fields[-1]])
+    summary["step"] = last_step
+    with open(os.path.join(live_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=4)
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        return value if math.isfinite(value) else text
+    return text
+
+
+class DVCLiveCallback(TrackerCallback):
+    """Logs to DVCLive in ``dir`` (default ``<output_dir>/dvclive``), or into a given ``live``.
+
+    ``log_model``: True logs the final model as an artifact, "all" logs ``output_dir`` at every checkpoint (None:
+    from ``HF_DVCLIVE_LOG_MODEL``). Artifacts need a DVC repository. ``live_kwargs`` go to ``Live`` (defaults:
+    ``save_dvc_exp=False, dvcyaml=None``, so nothing outside ``dir`` is written).
+    """
+
+    integration_name = "dvclive"
+    required_modules = ("dvclive",)
+    pip_extra = "dvclive"
+
+    def __init__(self, live=None, log_model: bool | str | None = None, dir: str | None = None, **live_kwargs) -> None:
+        super().__init__()
+        if log_model is None:
+            log_model = _log_model_from_env()
+        if log_model not in (True, False, "all"):
+            raise ValueError(f"DVCLiveCallback: log_model must be True, False or 'all', got {log_model!r}")
+        self.live = live
+        self._owns_live = live is None
+        self._log_model = log_model
+        self._dir = dir
+        self._live_kwargs = live_kwargs
+        self._last_step: dict[str, int] = {}
+
+    def setup(self, args, state, model, **kwargs) -> None:
+        if self.live is None:
+            live_dir = self._dir or os.path.join(args.output_dir, "dvclive")
+            resume = state.global_step > 0
+            if resume and os.path.isdir(live_dir):
+                truncate_history(live_dir, state.global_step)
+            options = {"save_dvc_exp": False, "dvcyaml": None, **self._live_kwargs}
+            self.live = _live_class()(dir=live_dir, resume=resume, **options)
+            self._owns_live = True
+        self._last_step = {}
+        self.live.log_params(training_params(args, model))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._ensure_setup(args, state, model)
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, model=None, **kwargs):
+        if not logs or not self._ensure_setup(args, state, model):
+            return
+        numbers, skipped = numeric_items(logs)
+        if skipped:
+            logger.debug("DVCLive: not logging non-numeric values %s", skipped)
+        summary_only = set(rewrite_logs(dict.fromkeys(k for k in numbers if k in RUN_SUMMARY_KEYS)))
+        step = state.global_step
+        self.live.step = step
+        for key, value in rewrite_logs(numbers).items():
+            if self._last_step.get(key) == step:
+                continue  # "epoch" comes with every train and eval log of a step
+            self.live.log_metric(key, value, plot=key not in summary_only)
+            self._last_step[key] = step
+        # next_step writes metrics.json (and the report) with step = global_step; the next log sets step again.
+        self.live.next_step()
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self._log_model == "all" and self._ensure_setup(args, state, model) and list_checkpoints(args.output_dir):
+            self.live.log_artifact(args.output_dir)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self._initialized or self.live is None:
+            return
+        if self._log_model is True and model is not None:
+            name = "best" if args.load_best_model_at_end else "last"
+            folder = save_model_files(model, os.path.join(args.output_dir, name))
+            self.live.log_artifact(folder, name=name, type="model", copy=True)
+        self.live.step = state.global_step
+        self.live.end()
+        self._release()
+
+    def on_integration_error(self, event: str, error: BaseException) -> None:
+        if self.live is not None and self._owns_live:
+            self.live.end()
+        self._release()
+
+    def _release(self) -> None:
+        if self._owns_live:
+            self.live = None
+        self._initialized = False

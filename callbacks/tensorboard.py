@@ -1,0 +1,105 @@
+"""TensorBoard: scalars and texts through ``torch.utils.tensorboard``; a resumed run continues the same event dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from trainer_lib.state import ExportableState
+
+from ._common import TrackerCallback, logger, redact, rewrite_logs
+
+
+def _model_config_json(model) -> str | None:
+    config = getattr(model, "config", None)
+    if isinstance(config, Mapping):
+        return json.dumps(redact(config), indent=2, sort_keys=True, default=str)
+    if config is not None and hasattr(config, "to_dict"):
+        return json.dumps(redact(config.to_dict()), indent=2, sort_keys=True, default=str)
+    return None
+
+
+class TensorBoardCallback(TrackerCallback, ExportableState):
+    """Writes the logs to TensorBoard event files in ``args.logging_dir`` (or into a given ``tb_writer``).
+
+    The event directory is saved in checkpoints: a resumed run writes into the same directory, and opens its writer
+    with ``purge_step`` so the steps a previous attempt logged after the checkpoint are hidden, not doubled.
+    """
+
+    integration_name = "tensorboard"
+    required_modules = ("tensorboard",)
+    pip_extra = "tensorboard"
+
+    def __init__(self, tb_writer=None) -> None:
+        super().__init__()
+        self.tb_writer = tb_writer
+        self._owns_writer = tb_writer is None
+        #: event directory of this run; restored from the checkpoint on resume
+        self.log_dir: str | None = None
+        self._last_step: dict[str, int] = {}
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"log_dir": self.log_dir}}
+
+    def setup(self, args, state, model, **kwargs) -> None:
+        if self.tb_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self.log_dir or args.logging_dir
+            if state.is_hyper_param_search and state.trial_name and not self.log_dir:
+                log_dir = os.path.join(log_dir, state.trial_name)
+            # Hide whatever an earlier attempt logged after the step this run continues from.
+            purge_step = state.global_step + 1 if state.global_step > 0 else None
+            self.tb_writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+            self._owns_writer = True
+        self.log_dir = self.tb_writer.log_dir if hasattr(self.tb_writer, "log_dir") else self.log_dir
+        self._last_step = {}
+        self.tb_writer.add_text("args", json.dumps(redact(args.to_dict()), indent=2, sort_keys=True, default=str))
+        config = _model_config_json(model)
+        if config is not None:
+            self.tb_writer.add_text("model_config", config)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._ensure_setup(args, state, kwargs.get("model"))
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if not logs or not self._ensure_setup(args, state, kwargs.get("model")):
+            return
+        step = state.global_step
+        for key, value in rewrite_logs(logs).items():
+            # "epoch" comes with every train and eval log of a step: write each tag once per step.
+            if self._last_step.get(key) == step:
+                continue
+            if isinstance(value, bool):
+                value = int(value)
+            if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+                value = value.item()
+            if isinstance(value, (int, float)):
+                self.tb_writer.add_scalar(key, value, step)
+            elif isinstance(value, str):
+                self.tb_writer.add_text(key, value, step)
+            else:
+                logger.warning(
+                    "TensorBoard: not logging %r=%r of type %s: only numbers and strings are supported",
+                    key, value, type(value).__name__,
+                )
+                continue
+            self._last_step[key] = step
+        self.tb_writer.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close()
+
+    def on_integration_error(self, event: str, error: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.tb_writer is not None:
+            if self._owns_writer:
+                self.tb_writer.close()
+                self.tb_writer = None
+            else:
+                self.tb_writer.flush()
+        self._initialized = False

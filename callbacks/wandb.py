@@ -1,0 +1,147 @@
+"""Weights & Biases: config, metrics against the global step, model artifacts; a resumed run continues its W&B run.
+
+Environment: ``WANDB_PROJECT`` (default "flytrain"), ``WANDB_LOG_MODEL`` (false | end | checkpoint),
+``WANDB_WATCH`` (false | gradients | parameters | all), ``WANDB_DISABLED`` (true turns the integration off), plus
+wandb's own variables (``WANDB_MODE=offline``, ``WANDB_DIR``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from trainer_lib.checkpoint import checkpoint_step, list_checkpoints
+from trainer_lib.state import ExportableState
+
+from ._common import (
+    RUN_SUMMARY_KEYS,
+    TrackerCallback,
+    env_choice,
+    env_flag,
+    logger,
+    rewrite_logs,
+    save_model_files,
+    training_params,
+)
+
+LOG_MODEL_CHOICES = ("false", "true", "end", "checkpoint")
+WATCH_CHOICES = ("false", "gradients", "parameters", "all")
+
+
+class WandbCallback(TrackerCallback, ExportableState):
+    """Logs a training run to W&B. The run id is saved in checkpoints, so resuming continues the same run."""
+
+    integration_name = "wandb"
+    required_modules = ("wandb",)
+    pip_extra = "wandb"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Environment errors surface when the Trainer is built, not in the middle of training.
+        self._disabled = env_flag("WANDB_DISABLED")
+        log_model = env_choice("WANDB_LOG_MODEL", LOG_MODEL_CHOICES, "false")
+        self._log_model = "end" if log_model == "true" else log_model
+        self._watch = env_choice("WANDB_WATCH", WATCH_CHOICES, "false")
+        self._wandb = None
+        self._run = None
+        self._owns_run = False
+        self._watched = None
+        #: id of the W&B run; restored from the checkpoint on resume
+        self.run_id: str | None = None
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"run_id": self.run_id}}
+
+    def setup(self, args, state, model, **kwargs) -> None:
+        if self._disabled:
+            logger.info("WANDB_DISABLED is set: not logging to W&B")
+            return
+        import wandb
+
+        self._wandb = wandb
+        if wandb.run is not None and (self.run_id is None or wandb.run.id == self.run_id):
+            self._run, self._owns_run = wandb.run, False  # the user started a run: log into it, leave it open
+        else:
+            init_args: dict[str, Any] = {"project": os.environ.get("WANDB_PROJECT") or "flytrain"}
+            if args.run_name:
+                init_args["name"] = args.run_name
+            if self.run_id:
+                init_args.update(id=self.run_id, resume="allow")
+            self._run, self._owns_run = wandb.init(**init_args), True
+        self.run_id = self._run.id
+        self._run.config.update(training_params(args, model), allow_val_change=True)
+        self._run.define_metric("train/global_step")
+        self._run.define_metric("*", step_metric="train/global_step", step_sync=True)
+        if self._watch != "false" and model is not None:
+            self._run.watch(model, log=self._watch, log_freq=max(100, int(state.logging_steps)))
+            self._watched = model
+
+    def _active(self, args, state, model) -> bool:
+        return self._ensure_setup(args, state, model) and self._run is not None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and not self._initialized:
+            self.run_id = None  # a new training is a new run; only a resumed one continues the saved id
+        self._active(args, state, model)
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, model=None, **kwargs):
+        if not logs or not self._active(args, state, model):
+            return
+        once = {k: v for k, v in logs.items() if k in RUN_SUMMARY_KEYS}
+        for key, value in rewrite_logs(once).items():
+            self._run.summary[key] = value
+        series = rewrite_logs({k: v for k, v in logs.items() if k not in RUN_SUMMARY_KEYS})
+        if set(series) - {"train/epoch"}:  # the end-of-training summary leaves only the epoch: no history row
+            self._run.log({**series, "train/global_step": state.global_step})
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self._log_model != "checkpoint" or not self._active(args, state, model):
+            return
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            return
+        newest = checkpoints[-1]
+        step = checkpoint_step(os.path.basename(newest))
+        metadata = self._numeric_summary()
+        metadata["global_step"] = step
+        artifact = self._wandb.Artifact(name=f"model-{self._run.id}", type="model", metadata=metadata)
+        artifact.add_dir(newest)
+        aliases = [f"checkpoint_global_step_{step}"]
+        if state.epoch is not None:
+            aliases.append(f"epoch_{round(state.epoch, 2)}")
+        self._run.log_artifact(artifact, aliases=aliases)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self._initialized or self._run is None:
+            self._initialized = False
+            return
+        if self._log_model in ("end", "checkpoint") and model is not None and state.is_world_process_zero:
+            metadata = self._numeric_summary()
+            metadata["global_step"] = state.global_step
+            artifact = self._wandb.Artifact(name=f"model-{self._run.id}", type="model", metadata=metadata)
+            with tempfile.TemporaryDirectory() as folder:
+                artifact.add_dir(save_model_files(model, folder))  # add_dir copies the files into staging
+                self._run.log_artifact(artifact, aliases=["final", f"global_step_{state.global_step}"])
+        self._finish(exit_code=0)
+
+    def on_integration_error(self, event: str, error: BaseException) -> None:
+        self._finish(exit_code=1)
+
+    def _numeric_summary(self) -> dict[str, float]:
+        summary = dict(self._run.summary) if self._run is not None else {}
+        return {
+            k: v for k, v in summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_")
+        }
+
+    def _finish(self, exit_code: int) -> None:
+        run, self._run = self._run, None
+        watched, self._watched = self._watched, None
+        self._initialized = False
+        if run is None:
+            return
+        if watched is not None:
+            run.unwatch(watched)  # no gradient hooks left on the model once the run is over
+        if self._owns_run:
+            run.finish(exit_code=exit_code)

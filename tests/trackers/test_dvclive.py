@@ -1,0 +1,97 @@
+"""DVCLive: metrics.json, params.yaml and the plot .tsv files read back; steps are global steps, also after resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+
+import pytest
+
+from tests.helpers import accuracy, digits, make_model
+from trainer_lib import Trainer, TrainingArguments
+
+SECRET = "dl-s3cr3t-value-42"
+
+
+@pytest.fixture
+def git_repo(tmp_path, monkeypatch):
+    """Work inside a fresh Git repository without DVC: DVCLive must not turn it into a DVC repository."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MY_SERVICE_TOKEN", SECRET)
+    for name in ("HF_DVCLIVE_LOG_MODEL", "DVCLIVE_RESUME", "DVC_ROOT", "DVCLIVE_TEST"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def make_trainer(out, **overrides) -> Trainer:
+    train, evaluation = digits(256, 64)
+    values = dict(
+        output_dir=str(out), max_steps=20, logging_steps=5, save_steps=10, eval_strategy="steps", eval_steps=10,
+        per_device_train_batch_size=16, report_to=["dvclive"], disable_tqdm=True, strict_integrations=True,
+        extra={"service_token": SECRET},
+    )
+    values.update(overrides)
+    return Trainer(make_model(), TrainingArguments(**values), train_dataset=train, eval_dataset=evaluation,
+                   compute_metrics=accuracy)
+
+
+def rows(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return [(int(r["step"]), float(r[path.stem])) for r in csv.DictReader(f, delimiter="\t")]
+
+
+def logged(trainer, key):
+    return [(e["step"], pytest.approx(e[key], rel=1e-6)) for e in trainer.state.log_history if key in e]
+
+
+def test_metrics_params_and_plots_use_global_steps(git_repo):
+    trainer = make_trainer(git_repo / "out")
+    trainer.train()
+    live_dir = git_repo / "out" / "dvclive"
+
+    plots = live_dir / "plots" / "metrics"
+    assert rows(plots / "train" / "loss.tsv") == logged(trainer, "loss")
+    assert [s for s, _ in rows(plots / "train" / "loss.tsv")] == [5, 10, 15, 20]
+    assert rows(plots / "eval" / "accuracy.tsv") == logged(trainer, "eval_accuracy")
+    epoch_steps = [s for s, _ in rows(plots / "train" / "epoch.tsv")]
+    assert epoch_steps == sorted(set(epoch_steps))
+    assert not (plots / "train" / "train_runtime.tsv").exists()  # one-off values live in metrics.json only
+
+    summary = json.loads((live_dir / "metrics.json").read_text())
+    assert summary["step"] == 20
+    assert summary["train"]["loss"] == logged(trainer, "loss")[-1][1]
+    assert summary["eval"]["accuracy"] == logged(trainer, "eval_accuracy")[-1][1]
+    assert summary["train"]["train_runtime"] > 0
+
+    from ruamel.yaml import YAML  # YAML 1.2, as DVC reads params ("5e-05" is a number there, not in PyYAML)
+
+    params = YAML(typ="safe").load((live_dir / "params.yaml").read_text())
+    assert params["learning_rate"] == trainer.args.learning_rate
+    assert params["model.hidden"] == 32
+    assert SECRET not in (live_dir / "params.yaml").read_text()
+
+    assert not (git_repo / ".dvc").exists() and not (git_repo / "dvc.yaml").exists()
+
+
+def test_resume_continues_the_logs_without_duplicated_steps(git_repo):
+    out = git_repo / "out"
+    first = make_trainer(out)
+    first.train()  # goes to step 20: its rows after step 10 must be replaced by the resumed run's
+    plots = out / "dvclive" / "plots" / "metrics"
+    (plots / "train" / "ghost.tsv").write_text("step\tghost\n5\t1.0\n15\t2.0\n")  # a metric only the old run had
+
+    resumed = make_trainer(out, data_seed=7)  # other batches: steps 11-20 differ from the first run's
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-10"))
+
+    loss = rows(plots / "train" / "loss.tsv")
+    assert [s for s, _ in loss] == [5, 10, 15, 20]
+    assert loss[:2] == logged(first, "loss")[:2]
+    assert loss[2:] == [row for row in logged(resumed, "loss") if row[0] > 10]
+    assert loss[2:] != logged(first, "loss")[2:]
+    assert [s for s, _ in rows(plots / "eval" / "accuracy.tsv")] == [10, 20]
+    assert rows(plots / "train" / "ghost.tsv") == [(5, 1.0)]
+    summary = json.loads((out / "dvclive" / "metrics.json").read_text())
+    assert summary["step"] == 20 and summary["train"]["ghost"] == 1.0
+    assert summary["train"]["loss"] == pytest.approx(loss[-1][1])
