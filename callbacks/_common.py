@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from trainer_lib.callback import IntegrationCallback
+from trainer_lib.redaction import REDACTED, is_secret_key, redact, secret_values  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("callbacks")
 
 TRUE_VALUES = {"1", "true", "yes", "on", "y", "t"}
 FALSE_VALUES = {"0", "false", "no", "off", "n", "f", ""}
 
-#: any key whose name suggests a credential
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|apikey|credential|auth)", re.IGNORECASE)
-REDACTED = "***REDACTED***"
 
 
 def env_flag(name: str, default: bool = False) -> bool:
@@ -82,35 +79,6 @@ def flatten_dict(data: Mapping[str, Any], parent: str = "", sep: str = ".") -> d
             out.update(flatten_dict(value, name, sep))
         else:
             out[name] = value
-    return out
-
-
-def is_secret_key(key: str) -> bool:
-    return bool(_SECRET_KEY.search(key))
-
-
-def secret_values() -> set[str]:
-    """Values of environment variables that hold credentials (never to be sent anywhere)."""
-    return {v for k, v in os.environ.items() if is_secret_key(k) and v and len(v) >= 4}
-
-
-def redact(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Parameters with credential-looking keys, and any value containing a known secret, replaced."""
-    secrets = secret_values()
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            out[key] = redact(value)
-            continue
-        if is_secret_key(str(key)) and value not in (None, "", False):
-            out[key] = REDACTED
-        elif isinstance(value, str) and any(s in value for s in secrets):
-            text = value
-            for s in secrets:
-                text = text.replace(s, REDACTED)
-            out[key] = text
-        else:
-            out[key] = value
     return out
 
 

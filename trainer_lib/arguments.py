@@ -265,7 +265,10 @@ class TrainingArguments:
         return out
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+        """The arguments as JSON with secrets redacted (this is what checkpoints and trackers store)."""
+        from .redaction import redact
+
+        return json.dumps(redact(self.to_dict()), indent=2, sort_keys=True, default=str)
 
     def to_sanitized_dict(self) -> dict[str, Any]:
         """Arguments as scalars only, for trackers' parameter tables."""

@@ -266,7 +266,7 @@ def validate_checkpoint(path: str, *, verify_checksums: bool = True) -> None:
 
 
 def latest_valid_checkpoint(output_dir: str) -> str | None:
-    """The newest intact checkpoint in ``output_dir``; damaged ones are skipped with a warning naming the fault."""
+    """The newest intact checkpoint in ``output_dir`` (by manifest); damaged ones are skipped with a warning."""
     for path in reversed(list_checkpoints(output_dir)):
         try:
             validate_checkpoint(path)

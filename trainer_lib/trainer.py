@@ -224,27 +224,30 @@ class Trainer(EvaluationMixin):
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     # -- resume ----------------------------------------------------------------------------------------------
-    def _resolve_checkpoint(self, resume_from_checkpoint) -> str | None:
+    def _load_resume_source(self, resume_from_checkpoint) -> tuple[str | None, dict[str, Any] | None]:
+        """The checkpoint to resume from, fully read and checked; True takes the newest one that reads back whole."""
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return None
-        if resume_from_checkpoint is True:
-            path = ckpt.latest_valid_checkpoint(self.args.output_dir)
-            if path is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True but no valid checkpoint was found in output_dir "
-                    f"{self.args.output_dir!r}"
-                )
-            return path
-        path = os.fspath(resume_from_checkpoint)
-        ckpt.validate_checkpoint(path)
-        return path
+            return None, None
+        if resume_from_checkpoint is not True:
+            path = os.fspath(resume_from_checkpoint)
+            ckpt.validate_checkpoint(path)
+            return path, self._read_checkpoint(path)
+        for path in reversed(ckpt.list_checkpoints(self.args.output_dir)):
+            try:
+                ckpt.validate_checkpoint(path)
+                return path, self._read_checkpoint(path)
+            except ckpt.CheckpointError as error:
+                logger.warning("skipping %s", error)
+        raise ValueError(
+            f"resume_from_checkpoint=True but no valid checkpoint was found in output_dir {self.args.output_dir!r}"
+        )
 
     def _read_checkpoint(self, path: str) -> dict[str, Any]:
         """Read every part of a checkpoint before applying any, so a bad file changes nothing."""
         try:
             state = TrainerState.load_from_json(os.path.join(path, ckpt.TRAINER_STATE))
             loop = ckpt.load_loop_state(path)
-        except (OSError, ValueError, TypeError) as error:
+        except (OSError, ValueError, TypeError, KeyError) as error:
             raise ckpt.CheckpointError(f"checkpoint {path!r}: unreadable state ({error})") from None
         return {
             "weights": ckpt.load_weights(path),
@@ -303,8 +306,7 @@ class Trainer(EvaluationMixin):
             )
         if self.dist.is_world_zero:
             ckpt.clean_stale_temporaries(args.output_dir)
-        resume_path = self._resolve_checkpoint(resume_from_checkpoint)
-        resumed = self._read_checkpoint(resume_path) if resume_path else None
+        resume_path, resumed = self._load_resume_source(resume_from_checkpoint)
         if resumed is not None:
             self._load_weights_into_model(resumed["weights"], resume_path)
 

@@ -1,0 +1,129 @@
+"""Comet ML: parameters, metrics against the global step, optionally the output folder as assets.
+
+Environment: ``COMET_MODE`` (online | offline | get | create | get_or_create | disabled; unset: Comet's own
+configuration decides), ``COMET_PROJECT_NAME``, ``COMET_OFFLINE_DIRECTORY`` (where offline archives go),
+``COMET_LOG_ASSETS`` (true: upload ``output_dir`` at train end), plus Comet's own variables (``COMET_API_KEY``, ...).
+The experiment key is saved in checkpoints, so a resumed training continues the same experiment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from trainer_lib.state import ExportableState
+
+from ._common import (
+    TrackerCallback,
+    env_choice,
+    env_flag,
+    logger,
+    numeric_items,
+    rewrite_logs,
+    training_params,
+)
+
+#: COMET_MODE values: the legacy ones (online / offline / disabled) and comet_ml.start's modes
+MODES = ("online", "offline", "disabled", "get", "create", "get_or_create")
+
+
+class CometCallback(TrackerCallback, ExportableState):
+    """Logs a training run to one Comet experiment, ended at train end (offline: written as a zip archive)."""
+
+    integration_name = "comet_ml"
+    required_modules = ("comet_ml",)
+    pip_extra = "comet_ml"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Environment errors surface when the Trainer is built, not in the middle of training.
+        self._mode = env_choice("COMET_MODE", MODES, "")
+        self._log_assets = env_flag("COMET_LOG_ASSETS")
+        self._online: bool | None = {"online": True, "offline": False}.get(self._mode)
+        self._experiment = None
+        self._in_train = False
+        #: key of the Comet experiment; restored from the checkpoint on resume
+        self.experiment_key: str | None = None
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"experiment_key": self.experiment_key}}
+
+    def setup(self, args, state, model, **kwargs) -> None:
+        if self._mode == "disabled":
+            logger.info("COMET_MODE=disabled: not logging to Comet")
+            return
+        import comet_ml
+
+        start_mode = self._mode if self._mode in ("get", "create", "get_or_create") else None
+        continuing = self.experiment_key is not None
+        if continuing:
+            start_mode = "get_or_create"  # a resumed training, or metrics logged after train end
+        name = args.run_name if args.run_name and args.run_name != args.output_dir else None
+        self._experiment = comet_ml.start(
+            project_name=os.environ.get("COMET_PROJECT_NAME") or None,
+            experiment_key=self.experiment_key,
+            mode=start_mode,
+            online=self._online,
+            experiment_config=comet_ml.ExperimentConfig(name=name),
+        )
+        self.experiment_key = self._experiment.get_key()
+        if not continuing:
+            self._experiment.log_parameters(training_params(args, model))
+            if model is not None:
+                self._experiment.set_model_graph(str(model))
+
+    @contextlib.contextmanager
+    def _session(self, args, state, model) -> Iterator[Any]:
+        """The experiment to log into; outside training it is reopened for these metrics and ended again."""
+        if not self._ensure_setup(args, state, model) or self._experiment is None:
+            yield None
+            return
+        try:
+            yield self._experiment
+        finally:
+            if not self._in_train:
+                self._end()
+
+    def _log_metrics(self, args, state, model, metrics: dict[str, Any] | None) -> None:
+        if not metrics:
+            return
+        with self._session(args, state, model) as experiment:
+            if experiment is None:
+                return
+            numbers, skipped = numeric_items(rewrite_logs(metrics))
+            if skipped:
+                logger.debug("Comet: not logging non-numeric values %s", skipped)
+            experiment.log_metrics(numbers, step=state.global_step, epoch=state.epoch)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and not self._initialized:
+            self.experiment_key = None  # a new training is a new experiment; only a resumed one continues
+        self._in_train = True
+        self._ensure_setup(args, state, model)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        self._log_metrics(args, state, model, logs)
+
+    def on_predict(self, args, state, control, metrics, model=None, **kwargs):
+        self._log_metrics(args, state, model, metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._in_train = False
+        if self._experiment is not None and self._log_assets and state.is_world_process_zero:
+            logger.info("Comet: logging %s as assets; this may take a while", args.output_dir)
+            self._experiment.log_asset_folder(
+                args.output_dir, step=state.global_step, log_file_name=True, recursive=True
+            )
+        self._end()
+
+    def on_integration_error(self, event: str, error: BaseException) -> None:
+        self._in_train = False
+        self._end()
+
+    def _end(self) -> None:
+        experiment, self._experiment = self._experiment, None
+        self._initialized = False
+        if experiment is not None:
+            experiment.end()
