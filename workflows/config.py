@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+#: what the pipeline's evaluation reports (and so what metric_for_best_model may name)
+PIPELINE_METRICS = {None, "accuracy", "loss", "eval_accuracy", "eval_loss"}
+
 
 class ConfigError(ValueError):
     """A config value that is unknown, of the wrong type or out of range; the message names its key."""
@@ -94,7 +97,8 @@ class PipelineConfig:
             try:
                 data = yaml.safe_load(f)
             except yaml.YAMLError as error:
-                raise ConfigError(f"config file {path!r} is not valid YAML/JSON: {error}") from None
+                detail = " ".join(str(error).split())
+                raise ConfigError(f"config file {path!r} is not valid YAML/JSON: {detail}") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
         try:
@@ -201,3 +205,7 @@ def _validate(instance: Any, prefix: str) -> None:
     elif isinstance(instance, TrainingConfig):
         if instance.early_stopping_patience < 0:
             bad("early_stopping_patience", "an integer >= 0 (0 turns early stopping off)")
+        if instance.metric_for_best_model not in PIPELINE_METRICS:
+            bad("metric_for_best_model", f"a metric the pipeline's evaluation produces ({sorted(m for m in PIPELINE_METRICS if m)})")
+        if instance.early_stopping_patience > 0 and instance.eval_strategy == "no":
+            bad("early_stopping_patience", "0 when eval_strategy is 'no' (early stopping needs evaluations)")

@@ -1,0 +1,176 @@
+"""R4: bad inputs, each must give a one-line error naming the field, exit non-zero and change no existing output."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Callable
+
+import yaml
+
+#: (case, params.yaml content or None, extra CLI stage args, the words the error must contain)
+CLI_CASES: list[tuple[str, object, str]] = [
+    ("misspelt training key", {"training": {"learnig_rate": 0.01}}, "training.learnig_rate"),
+    ("misspelt section", {"trainig": {}}, "trainig"),
+    ("unknown model key", {"model": {"layers": 3}}, "model.layers"),
+    ("string for an integer", {"training": {"per_device_train_batch_size": "32"}}, "per_device_train_batch_size"),
+    ("zero batch size", {"training": {"per_device_train_batch_size": 0}}, "per_device_train_batch_size"),
+    ("negative learning rate", {"training": {"learning_rate": -0.1}}, "learning_rate"),
+    ("zero epochs", {"training": {"num_train_epochs": 0}}, "num_train_epochs"),
+    ("float max_steps", {"training": {"max_steps": 2.5}}, "max_steps"),
+    ("zero gradient accumulation", {"training": {"gradient_accumulation_steps": 0}}, "gradient_accumulation_steps"),
+    ("negative warmup", {"training": {"warmup_steps": -1}}, "warmup_steps"),
+    ("unknown scheduler", {"training": {"lr_scheduler_type": "cosinus"}}, "lr_scheduler_type"),
+    ("unknown eval strategy", {"training": {"eval_strategy": "sometimes"}}, "eval_strategy"),
+    ("report_to typo", {"training": {"report_to": ["mlfow"]}}, "mlfow"),
+    ("report_to not a list", {"training": {"report_to": "mlflow"}}, "training.report_to"),
+    ("metric no evaluation produces", {"training": {"metric_for_best_model": "f1"}}, "metric_for_best_model"),
+    ("early stopping without evaluation", {"training": {"early_stopping_patience": 2, "eval_strategy": "no"}},
+     "early_stopping_patience"),
+    ("best checkpoints without a metric", {"training": {"save_strategy": "best", "metric_for_best_model": None}},
+     "save_strategy"),
+    ("dropout out of range", {"model": {"dropout": 1.5}}, "model.dropout"),
+    ("empty hidden sizes", {"model": {"hidden_sizes": []}}, "model.hidden_sizes"),
+    ("test fraction too large", {"data": {"test_fraction": 0.9}}, "data.test_fraction"),
+    ("missing data file", {"data": {"source": "no/such/file.csv"}}, "no/such/file.csv"),
+    ("CSV without the label column", {"data": {"source": "@nolabel.csv", "label_column": "target"}}, "label_column"),
+    ("empty CSV", {"data": {"source": "@empty.csv"}}, "empty.csv"),
+    ("unsupported data format", {"data": {"source": "@data.xlsx"}}, ".csv or .parquet"),
+    ("params file is a list", ["not", "a", "mapping"], "mapping"),
+    ("params file is not YAML", "training: [unclosed", "YAML"),
+    ("missing params file", None, "does not exist"),
+]
+
+
+def _tree_digest(path: str) -> str:
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(full.encode())
+            with open(full, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def _existing_run(work: str) -> dict[str, str]:
+    """A finished small run whose folders must not change when a bad input is rejected."""
+    from workflows import pipeline
+    from workflows.config import PipelineConfig
+
+    cfg = PipelineConfig.from_dict({"training": {"max_steps": 6, "save_steps": 3, "save_strategy": "steps",
+                                                 "eval_strategy": "no", "logging_steps": 3}})
+    dirs = {"data": os.path.join(work, "data"), "ckpt": os.path.join(work, "checkpoints"),
+            "model": os.path.join(work, "model"), "metrics": os.path.join(work, "metrics")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        pipeline.prepare(cfg, dirs["data"])
+        pipeline.train(cfg, dirs["data"], dirs["ckpt"], dirs["model"])
+        pipeline.evaluate(cfg, dirs["data"], dirs["model"], dirs["metrics"])
+    return dirs
+
+
+def _materialise(work: str, value):
+    """Write the case's params.yaml; "@name" data sources become real bad files."""
+    if isinstance(value, dict) and isinstance(value.get("data", {}).get("source"), str):
+        source = value["data"]["source"]
+        if source.startswith("@"):
+            path = os.path.join(work, source[1:])
+            with open(path, "w") as f:
+                if source == "@nolabel.csv":
+                    f.write("a,b,label\n1,2,x\n3,4,y\n" * 20)
+                elif source == "@empty.csv":
+                    f.write("a,b,label\n")
+                else:
+                    f.write("junk")
+            value = {**value, "data": {**value["data"], "source": path}}
+    params = os.path.join(work, "params.yaml")
+    if value is None:
+        return os.path.join(work, "missing.yaml")
+    with open(params, "w") as f:
+        f.write(value if isinstance(value, str) else yaml.safe_dump(value))
+    return params
+
+
+def cli_trials(run_cli: Callable[[list[str]], tuple[int, str]] | None = None) -> list[tuple[str, bool, str]]:
+    """Each case through ``python -m workflows`` stages (in-process by default) against an existing run."""
+    from workflows.__main__ import main
+
+    def in_process(argv: list[str]) -> tuple[int, str]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+        return code, err.getvalue()
+
+    run_cli = run_cli or in_process
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        dirs = _existing_run(work)
+        before = {k: _tree_digest(v) for k, v in dirs.items()}
+        for case, value, needle in CLI_CASES:
+            params = _materialise(work, value)
+            stage = "prepare" if isinstance(value, dict) and "data" in value else "train"
+            argv = ["--params", params, stage, "--data-dir", dirs["data"]]
+            if stage == "train":
+                argv += ["--checkpoint-dir", dirs["ckpt"], "--model-dir", dirs["model"]]
+            code, err = run_cli(argv)
+            lines = err.strip().splitlines()
+            changed = [k for k, v in dirs.items() if _tree_digest(v) != before[k]]
+            problems = []
+            if code == 0:
+                problems.append("exit code 0")
+            if len(lines) != 1 or needle not in lines[0]:
+                problems.append(f"error does not name {needle!r}: {err.strip()[-300:]!r}")
+            if changed:
+                problems.append(f"changed existing output {changed}")
+            results.append((case, not problems, "; ".join(problems) or lines[0][:160]))
+    return results
+
+
+def api_trials() -> list[tuple[str, bool, str]]:
+    """Bad inputs through the Python API: a ValueError (or KeyError) naming the field, before any output."""
+    from tests.helpers import accuracy, digits, make_model
+    from trainer_lib import EarlyStoppingCallback, Trainer, TrainingArguments
+
+    train, evaluation = digits(64, 16)
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        a_file = os.path.join(work, "file")
+        open(a_file, "w").close()
+        cases: list[tuple[str, Callable[[], object], str]] = [
+            ("output_dir is a file", lambda: TrainingArguments(output_dir=a_file), "output_dir"),
+            ("eval strategy without eval data",
+             lambda: Trainer(make_model(), TrainingArguments(output_dir=work, eval_strategy="epoch"),
+                             train_dataset=train).train(), "eval_dataset"),
+            ("metric no evaluation produces",
+             lambda: Trainer(make_model(), TrainingArguments(output_dir=os.path.join(work, "m"), max_steps=2,
+                                                             eval_strategy="steps", eval_steps=1,
+                                                             metric_for_best_model="f1", disable_tqdm=True),
+                             train_dataset=train, eval_dataset=evaluation, compute_metrics=accuracy).train(),
+             "metric_for_best_model"),
+            ("early stopping without metric",
+             lambda: Trainer(make_model(), TrainingArguments(output_dir=work, eval_strategy="epoch"),
+                             train_dataset=train, eval_dataset=evaluation,
+                             callbacks=[EarlyStoppingCallback()]).train(), "metric_for_best_model"),
+            ("report_to typo", lambda: TrainingArguments(output_dir=work, report_to="tensorbord") and
+             Trainer(make_model(), TrainingArguments(output_dir=work, report_to="tensorbord")), "tensorbord"),
+            ("resume without checkpoints",
+             lambda: Trainer(make_model(), TrainingArguments(output_dir=os.path.join(work, "none"), max_steps=2),
+                             train_dataset=train).train(resume_from_checkpoint=True), "no valid checkpoint"),
+            ("resume from a missing path",
+             lambda: Trainer(make_model(), TrainingArguments(output_dir=work, max_steps=2),
+                             train_dataset=train).train(resume_from_checkpoint=os.path.join(work, "nope")), "nope"),
+        ]
+        for case, call, needle in cases:
+            try:
+                call()
+            except (ValueError, KeyError) as error:
+                message = str(error)
+                held = needle in message and "\n" not in message.strip()
+                results.append((case, held, message[:160]))
+            else:
+                results.append((case, False, "no error"))
+    return results
