@@ -18,6 +18,7 @@ import numpy as np
 from trainer_lib import EarlyStoppingCallback, Trainer, TrainingArguments
 from trainer_lib import checkpoint as ckpt
 from trainer_lib.checkpoint import load_weights
+from trainer_lib.distributed import broadcast_object
 
 from . import data as data_lib
 from .config import ConfigError, PipelineConfig
@@ -45,7 +46,9 @@ def accuracy_metrics(prediction) -> dict[str, float]:
 def training_arguments(config: PipelineConfig, output_dir: str, **overrides: Any) -> TrainingArguments:
     """TrainingArguments from the config's training section; an invalid value names its config key."""
     values = {k: v for k, v in config.to_dict()["training"].items() if k != "early_stopping_patience"}
-    values.update(output_dir=output_dir, disable_tqdm=True, logging_first_step=True)
+    # a fixed logging_dir (not the reference's time-stamped one) keeps training_args.json identical between runs
+    values.update(output_dir=output_dir, logging_dir=os.path.join(output_dir, "runs"), disable_tqdm=True,
+                  logging_first_step=True)
     values.update(overrides)
     try:
         return TrainingArguments(**values)
@@ -60,23 +63,31 @@ def _config_digest(config: PipelineConfig) -> str:
 
 
 def _checkpoint_to_resume(config: PipelineConfig, checkpoint_dir: str) -> str | None:
-    """The newest valid checkpoint of this same config; checkpoints of another config are set aside."""
+    """The newest valid checkpoint of an unfinished run of this same config; other checkpoints are set aside.
+
+    A finished run is not resumed: training it again means its code or data changed, or a rerun was forced.
+    """
     marker = os.path.join(checkpoint_dir, RUN_CONFIG)
     digest = _config_digest(config)
     if ckpt.list_checkpoints(checkpoint_dir):
-        stored = None
+        stored: dict[str, Any] = {}
         if os.path.isfile(marker):
             with open(marker, encoding="utf-8") as f:
-                stored = json.load(f).get("digest")
-        if stored != digest:
+                stored = json.load(f)
+        if stored.get("digest") != digest or stored.get("finished"):
             previous = checkpoint_dir.rstrip("/") + ".previous"
-            logger.warning("checkpoints in %s belong to another config; moving them to %s", checkpoint_dir, previous)
+            reason = "a finished run" if stored.get("digest") == digest else "another config"
+            logger.warning("checkpoints in %s belong to %s; moving them to %s", checkpoint_dir, reason, previous)
             shutil.rmtree(previous, ignore_errors=True)
             os.rename(checkpoint_dir, previous)
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    with open(marker, "w", encoding="utf-8") as f:
-        json.dump({"digest": digest, "config": config.to_dict()}, f, indent=2, sort_keys=True)
+    _write_marker(config, checkpoint_dir, finished=False)
     return ckpt.latest_valid_checkpoint(checkpoint_dir)
+
+
+def _write_marker(config: PipelineConfig, checkpoint_dir: str, finished: bool) -> None:
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    value = {"digest": _config_digest(config), "config": config.to_dict(), "finished": finished}
+    _write_json(os.path.join(checkpoint_dir, RUN_CONFIG), value)
 
 
 def build_trainer(
@@ -128,7 +139,9 @@ def train(
     """
     trainer = build_trainer(config, data_dir, checkpoint_dir, callbacks, **overrides)
     if resume is True:
-        resume_from = _checkpoint_to_resume(config, checkpoint_dir)
+        # one process decides (and may move checkpoints aside); under torch.distributed the others follow it
+        resume_from = _checkpoint_to_resume(config, checkpoint_dir) if trainer.dist.is_world_zero else None
+        resume_from = broadcast_object(resume_from, trainer.dist)
     elif resume:
         resume_from = resume
     else:
@@ -138,8 +151,11 @@ def train(
     output = trainer.train(resume_from_checkpoint=resume_from)
 
     tmp = model_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(tmp)
+    if trainer.dist.is_world_zero:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(tmp)  # every rank takes part; only world process zero writes the model folder
+    if not trainer.dist.is_world_zero:
+        return {"global_step": output.global_step, "train_loss": output.training_loss, "resumed_from": resume_from}
     _write_json(os.path.join(tmp, "config.json"), trainer.model.config)
     shutil.copy(os.path.join(data_dir, data_lib.META), os.path.join(tmp, data_lib.META))
     history = [_without_timing(entry) for entry in trainer.state.log_history]
@@ -152,6 +168,8 @@ def train(
     )
     _write_json(os.path.join(tmp, "train_metrics.json"), summary)
     data_lib._replace_dir(tmp, model_dir)
+    if resume is True:
+        _write_marker(config, checkpoint_dir, finished=True)
     return {"global_step": output.global_step, "train_loss": output.training_loss, "resumed_from": resume_from}
 
 
