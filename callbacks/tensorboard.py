@@ -47,7 +47,8 @@ class TensorBoardCallback(TrackerCallback, ExportableState):
         if self.tb_writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            log_dir = self.log_dir or args.logging_dir
+            # The checkpoint's log dir, when it exists here (a retry on another machine starts a new one).
+            log_dir = self.log_dir if self.log_dir and os.path.isdir(self.log_dir) else args.logging_dir
             if state.is_hyper_param_search and state.trial_name and not self.log_dir:
                 log_dir = os.path.join(log_dir, state.trial_name)
             # Hide whatever an earlier attempt logged after the step this run continues from.
