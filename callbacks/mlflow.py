@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from trainer_lib.checkpoint import ARGS, list_checkpoints
+from trainer_lib.checkpoint import list_checkpoints
 from trainer_lib.state import ExportableState
 
 from ._common import TrackerCallback, env_flag, flatten_dict, numeric_items, redact, training_params
@@ -80,14 +80,6 @@ def _expand_json_params(params: Mapping[str, Any], flatten: bool) -> dict[str, A
         else:
             out[key] = value
     return flatten_dict(out) if flatten else out
-
-
-def _redacted_json_file(path: str) -> str | None:
-    """The redacted text of a JSON file, or None when redaction changes nothing."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    clean = redact(data) if isinstance(data, Mapping) else data
-    return None if clean == data else json.dumps(clean, indent=2, sort_keys=True, default=str)
 
 
 def _chunks(items: list, size: int):
@@ -415,22 +407,9 @@ class MLflowCallback(TrackerCallback, ExportableState):
             self._log_checkpoint(checkpoints[-1])
 
     def _log_checkpoint(self, folder: str) -> None:
+        # the Trainer writes training_args.json redacted, so the folder goes up as it is
         name = os.path.basename(os.path.normpath(folder))
-        args_file = os.path.join(folder, ARGS)
-        redacted = _redacted_json_file(args_file) if os.path.isfile(args_file) else None
-        if redacted is None:
-            self._call("log_artifacts", self._client.log_artifacts, self._run_id, folder, artifact_path=name)
-            return
-        # Never upload a credential: the arguments go up redacted (so they no longer match the manifest's hash).
-        logger.warning("MLflow: %s holds credentials; it is uploaded redacted", args_file)
-        for root, _, files in os.walk(folder):
-            rel = os.path.relpath(root, folder)
-            path = name if rel == "." else f"{name}/{rel.replace(os.sep, '/')}"
-            for file in sorted(files):
-                if rel == "." and file == ARGS:
-                    self._call("log_text", self._client.log_text, self._run_id, redacted, f"{name}/{ARGS}")
-                else:
-                    self._call("log_artifact", self._client.log_artifact, self._run_id, os.path.join(root, file), path)
+        self._call("log_artifacts", self._client.log_artifacts, self._run_id, folder, artifact_path=name)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self._active(args, state, model):

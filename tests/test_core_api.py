@@ -242,3 +242,21 @@ def test_importing_trainer_lib_imports_no_tracker():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_on_train_error_reaches_every_callback_and_the_error_propagates(tmp_path):
+    seen = []
+
+    class Watcher(TrainerCallback):
+        def on_train_error(self, args, state, control, error=None, **kwargs):
+            seen.append((type(error).__name__, state.global_step))
+            raise RuntimeError("a broken hook must not hide the training error")
+
+    class Broken(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise ZeroDivisionError("user bug")
+
+    with pytest.raises(ZeroDivisionError):
+        train_digits(tmp_path, max_steps=6, callbacks=[Watcher, Broken], eval_strategy="no")
+    assert seen == [("ZeroDivisionError", 3)]

@@ -271,9 +271,11 @@ class TrainingArguments:
         return json.dumps(redact(self.to_dict()), indent=2, sort_keys=True, default=str)
 
     def to_sanitized_dict(self) -> dict[str, Any]:
-        """Arguments as scalars only, for trackers' parameter tables."""
+        """Arguments as scalars only (secrets redacted first, nested values included), for trackers' parameters."""
+        from .redaction import redact
+
         out = {}
-        for key, value in self.to_dict().items():
+        for key, value in redact(self.to_dict()).items():
             if isinstance(value, (bool, int, float, str)) or value is None:
                 out[key] = value
             else:

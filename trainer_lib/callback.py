@@ -17,6 +17,7 @@ EVENTS = (
     "on_init_end",
     "on_train_begin",
     "on_train_end",
+    "on_train_error",
     "on_epoch_begin",
     "on_epoch_end",
     "on_step_begin",
@@ -47,6 +48,9 @@ class TrainerCallback:
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         """At the end of training, after the final train summary was logged."""
+
+    def on_train_error(self, args, state: TrainerState, control: TrainerControl, error=None, **kwargs):
+        """Beyond the reference: training raised ``error`` (it is re-raised after this event); close runs here."""
 
     def on_epoch_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         """At the beginning of an epoch."""
@@ -185,6 +189,18 @@ class CallbackHandler(TrainerCallback):
 
     def on_train_end(self, args, state, control):
         return self.call_event("on_train_end", args, state, control)
+
+    def on_train_error(self, args, state, control, error):
+        """Tell every callback that training failed; an exception here is logged, never hides ``error``."""
+        for callback in self._listeners["on_train_error"]:
+            try:
+                callback.on_train_error(args, state, control, error=error, model=self.model,
+                                        processing_class=self.processing_class, optimizer=self.optimizer,
+                                        lr_scheduler=self.lr_scheduler, train_dataloader=self.train_dataloader,
+                                        eval_dataloader=self.eval_dataloader)
+            except Exception as hook_error:
+                logger.warning("%s.on_train_error failed: %s", type(callback).__name__, hook_error)
+        return control
 
     def on_epoch_begin(self, args, state, control):
         control.should_epoch_stop = False

@@ -362,19 +362,19 @@ class Trainer(EvaluationMixin):
         self.state.is_world_process_zero = self.dist.is_world_zero
         self.state.compute_steps(args, max_steps)
 
-        self.is_in_train = True
-        start_time = time.time()
-        model.zero_grad(set_to_none=True)
-        model.train()  # once: evaluation restores the mode it found, so the per-step cost stays out of the loop
-        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        if resumed is not None and resumed["rng"] is not None:
-            ckpt.restore_rng_state(resumed["rng"])
-
-        grad_norm: float | None = None
-        handler = self.callback_handler
-        state = self.state
-        clip = args.max_grad_norm is not None and args.max_grad_norm > 0
         try:
+            self.is_in_train = True
+            start_time = time.time()
+            model.zero_grad(set_to_none=True)
+            model.train()  # once: evaluation restores the mode it found, so the per-step cost stays out of the loop
+            self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+            if resumed is not None and resumed["rng"] is not None:
+                ckpt.restore_rng_state(resumed["rng"])
+
+            grad_norm: float | None = None
+            handler = self.callback_handler
+            state = self.state
+            clip = args.max_grad_norm is not None and args.max_grad_norm > 0
             for epoch in range(epochs_trained, num_train_epochs):
                 if state.global_step >= max_steps:
                     break  # resumed from the final checkpoint: nothing left to train
@@ -414,27 +414,30 @@ class Trainer(EvaluationMixin):
                 if self.control.should_training_stop:
                     break
             self._ckpt_writer.wait()
-        finally:
             self.is_in_train = False
 
-        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
-            self._load_best_model()
+            if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+                self._load_best_model()
 
-        self._total_loss_scalar += float(mean_across_ranks(tr_loss, self.dist))
-        train_loss = self._total_loss_scalar / max(state.global_step, 0.001)
-        metrics = speed_metrics(
-            "train",
-            start_time,
-            num_samples=max_steps * args.per_device_train_batch_size * gas * self.dist.world_size,
-            num_steps=max_steps,
-        )
-        metrics["total_flos"] = state.total_flos
-        metrics["train_loss"] = train_loss
-        self.log(metrics)
-        if self.dist.is_world_zero and args.save_total_limit:
-            ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, [state.best_model_checkpoint])
-        self.control = handler.on_train_end(args, state, self.control)
-        return TrainOutput(state.global_step, train_loss, metrics)
+            self._total_loss_scalar += float(mean_across_ranks(tr_loss, self.dist))
+            train_loss = self._total_loss_scalar / max(state.global_step, 0.001)
+            metrics = speed_metrics(
+                "train",
+                start_time,
+                num_samples=max_steps * args.per_device_train_batch_size * gas * self.dist.world_size,
+                num_steps=max_steps,
+            )
+            metrics["total_flos"] = state.total_flos
+            metrics["train_loss"] = train_loss
+            self.log(metrics)
+            if self.dist.is_world_zero and args.save_total_limit:
+                ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, [state.best_model_checkpoint])
+            self.control = handler.on_train_end(args, state, self.control)
+            return TrainOutput(state.global_step, train_loss, metrics)
+        except BaseException as error:
+            self.is_in_train = False
+            self.callback_handler.on_train_error(args, self.state, self.control, error)
+            raise
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], group_size: int = 1) -> torch.Tensor:
         """Forward and backward one micro-batch; returns the detached loss scaled by the accumulation group."""

@@ -19,10 +19,9 @@ import pytest
 
 from callbacks._common import REDACTED
 from callbacks.mlflow import MLflowCallback, sanitize_name
+from tests.conftest import free_port
 from tests.helpers import accuracy, digits, make_model
 from trainer_lib import Trainer, TrainerCallback, TrainerState, TrainingArguments
-
-from .conftest import free_port
 
 SECRET = "mlf-s3cr3t-value-7731"
 HUB_SECRET = "hf_hub_s3cr3t_9911"
