@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data-dir", default="data/prepared")
     t.add_argument("--checkpoint-dir", default="checkpoints")
     t.add_argument("--model-dir", default="models/model")
+    t.add_argument("--metrics-file", help="also copy the train summary (train_metrics.json) here, e.g. a DVC metric")
     e = sub.add_parser("evaluate", help="test-set metrics, confusion matrix and curves")
     e.add_argument("--data-dir", default="data/prepared")
     e.add_argument("--model-dir", default="models/model")
@@ -36,16 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from . import pipeline
-
     try:
-        config = _config(args)
+        config = _config(args)  # before importing torch, so a bad params.yaml fails at once
+        from . import pipeline
+
         started = time.time()
         if args.stage == "prepare":
             meta = pipeline.prepare(config, args.data_dir)
             print(json.dumps(meta["sizes"]))
         elif args.stage == "train":
             result = pipeline.train(config, args.data_dir, args.checkpoint_dir, args.model_dir)
+            if args.metrics_file:
+                os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
+                shutil.copyfile(os.path.join(args.model_dir, "train_metrics.json"), args.metrics_file)
             print(json.dumps(result))
         elif args.stage == "evaluate":
             metrics = pipeline.evaluate(config, args.data_dir, args.model_dir, args.out_dir)
