@@ -73,15 +73,25 @@ def trainer_run(steps: int, sink, **extra) -> float:
     return steps / elapsed
 
 
-def compare(steps: int = 2000, repeats: int = 3, **extra) -> dict[str, float]:
-    """Alternate the two sides ``repeats`` times; medians of steps/s and their ratio."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    hand, ours = [], []
+def paired(run_a, run_b, repeats: int) -> dict[str, float]:
+    """Alternate two measurements ``repeats`` times; the median of the per-pair ratios b/a is robust to the
+    slow drifts of a shared machine, and the spread shows how noisy the run was."""
+    a_values, b_values, ratios = [], [], []
+    for _ in range(repeats):
+        a, b = run_a(), run_b()
+        a_values.append(a)
+        b_values.append(b)
+        ratios.append(b / a)
+    ratios.sort()
+    return {"a": statistics.median(a_values), "b": statistics.median(b_values), "ratio": statistics.median(ratios),
+            "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+
+
+def compare(steps: int = 2000, repeats: int = 7, **extra) -> dict[str, float]:
+    """Trainer vs hand loop, alternated; steps/s medians and the median per-pair ratio."""
     with open(os.devnull, "w") as sink:
         hand_loop(200, sink)  # warm-up: first optimizer use imports torch._dynamo
         trainer_run(200, sink, **extra)
-        for _ in range(repeats):
-            hand.append(hand_loop(steps, sink))
-            ours.append(trainer_run(steps, sink, **extra))
-    h, t = statistics.median(hand), statistics.median(ours)
-    return {"hand_steps_per_s": h, "trainer_steps_per_s": t, "ratio": t / h}
+        r = paired(lambda: hand_loop(steps, sink), lambda: trainer_run(steps, sink, **extra), repeats)
+    return {"hand_steps_per_s": r["a"], "trainer_steps_per_s": r["b"], "ratio": r["ratio"],
+            "ratio_min": r["ratio_min"], "ratio_max": r["ratio_max"]}

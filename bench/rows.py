@@ -13,7 +13,7 @@ import torch
 
 from trainer_lib import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .core import BATCH, digits_dataset, new_model
+from .core import BATCH, digits_dataset, new_model, paired
 
 
 class _Wide(torch.nn.Module):
@@ -116,7 +116,7 @@ def import_cost(repeats: int = 7) -> dict[str, float]:
     return {"seconds": statistics.median(times)}
 
 
-def eval_throughput(repeats: int = 5, passes: int = 20) -> dict[str, float]:
+def eval_throughput(repeats: int = 7, passes: int = 20) -> dict[str, float]:
     """Trainer.evaluate against a hand-written torch.inference_mode() loop over the same batches."""
     dataset = digits_dataset()
     model = new_model()
@@ -149,9 +149,5 @@ def eval_throughput(repeats: int = 5, passes: int = 20) -> dict[str, float]:
             return passes * len(dataset) / (time.perf_counter() - start)
 
         hand(), ours()
-        h, o = [], []
-        for _ in range(repeats):
-            h.append(hand())
-            o.append(ours())
-    hs, os_ = statistics.median(h), statistics.median(o)
-    return {"hand_samples_per_s": hs, "trainer_samples_per_s": os_, "ratio": os_ / hs}
+        r = paired(hand, ours, repeats)
+    return {"hand_samples_per_s": r["a"], "trainer_samples_per_s": r["b"], "ratio": r["ratio"]}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from .arguments import SchedulerType, TrainingArguments
 
@@ -25,9 +24,49 @@ def create_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.o
     )
 
 
+class ScheduledLR:
+    """A learning-rate schedule ``lr = base_lr * factor(step)`` with the torch scheduler interface.
+
+    Unlike torch's LambdaLR it does not wrap ``optimizer.step`` and does nothing per step when the rate is
+    unchanged: the per-step cost of a schedule stays near zero. Any torch scheduler can still be passed to the
+    Trainer through ``optimizers=(optimizer, scheduler)``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor):
+        self.optimizer = optimizer
+        self.factor = factor
+        self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        self.last_epoch = 0
+        self._last_factor = None
+        self._apply()
+
+    def _apply(self) -> None:
+        value = self.factor(self.last_epoch)
+        if value != self._last_factor:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * value
+            self._last_factor = value
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.base_lrs = list(state["base_lrs"])
+        self._last_factor = None
+        self._apply()
+
+
 def create_scheduler(
     optimizer: torch.optim.Optimizer, args: TrainingArguments, num_training_steps: int
-) -> LambdaLR:
+) -> ScheduledLR:
     warmup = args.get_warmup_steps(num_training_steps)
     kind = args.lr_scheduler_type
 
@@ -43,4 +82,4 @@ def create_scheduler(
             return max(0.0, 1.0 - progress)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
 
-    return LambdaLR(optimizer, factor)
+    return ScheduledLR(optimizer, factor)

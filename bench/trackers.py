@@ -1,0 +1,51 @@
+"""Row 2: the Trainer with file-based trackers on (logging every 10 steps) against the same run with none."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+
+from trainer_lib import Trainer, TrainingArguments
+
+from .core import BATCH, LR, digits_dataset, new_model, paired
+
+TRACKERS = ["tensorboard", "mlflow", "wandb", "dvclive", "codecarbon"]
+
+
+def _run(steps: int, report_to: list[str], workdir: str, sink) -> float:
+    out = tempfile.mkdtemp(dir=workdir)
+    args = TrainingArguments(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR, weight_decay=0.0,
+        lr_scheduler_type="constant", max_grad_norm=0, logging_steps=10, save_strategy="no", eval_strategy="no",
+        disable_tqdm=True, report_to=report_to, run_name="bench",
+    )
+    trainer = Trainer(new_model(), args, train_dataset=digits_dataset())
+    with contextlib.redirect_stdout(sink):
+        start = time.perf_counter()
+        trainer.train()
+        return steps / (time.perf_counter() - start)
+
+
+def compare(steps: int = 2000, repeats: int = 7) -> dict[str, float]:
+    """Medians of steps/s with and without trackers (setup and teardown included: they are part of a run)."""
+    with tempfile.TemporaryDirectory() as work:
+        env = {
+            "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "WANDB_MODE": "offline", "WANDB_DIR": work,
+            "WANDB_SILENT": "true", "CODECARBON_COUNTRY": "USA",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            with open(os.devnull, "w") as sink:
+                _run(100, TRACKERS, work, sink)  # warm-up: imports and first-use costs of every tracker
+                _run(100, [], work, sink)
+                r = paired(lambda: _run(steps, [], work, sink), lambda: _run(steps, TRACKERS, work, sink), repeats)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return {"plain_steps_per_s": r["a"], "tracked_steps_per_s": r["b"], "ratio": r["ratio"]}
