@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
@@ -11,7 +12,7 @@ import time
 
 import torch
 
-from trainer_lib import Trainer, TrainerCallback, TrainingArguments, set_seed
+from trainer_lib import Trainer, TrainingArguments, set_seed
 
 from .core import BATCH, digits_dataset, new_model, paired
 
@@ -69,42 +70,43 @@ def checkpoint_stall(steps: int = 200, save_every: int = 50) -> dict[str, float]
             "ratio": lost_async / lost_sync if lost_sync else float("nan")}
 
 
-class _FirstStep(TrainerCallback):
-    def __init__(self, start: float):
-        self.start, self.elapsed = start, None
+_FIRST_STEP = r"""
+import os, sys, time
+from bench.core import BATCH, digits_dataset, new_model
+from trainer_lib import Trainer, TrainerCallback, TrainingArguments
 
+class FirstStep(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.elapsed is None:
-            self.elapsed = time.perf_counter() - self.start
-            control.should_training_stop = True
+        print("first-step", time.time() - float(os.environ["BENCH_T0"]), flush=True)
+        control.should_training_stop = True
+
+args = TrainingArguments(output_dir=sys.argv[1], num_train_epochs=3, per_device_train_batch_size=BATCH,
+                         learning_rate=1e-3, save_strategy="no", logging_steps=10_000, disable_tqdm=True)
+trainer = Trainer(new_model(), args, train_dataset=digits_dataset(), callbacks=[FirstStep()])
+trainer.train(resume_from_checkpoint=sys.argv[2] if len(sys.argv) > 2 else None)
+"""
 
 
 def _time_to_first_step(out: str, resume: str | None) -> float:
-    args = TrainingArguments(output_dir=out, num_train_epochs=3, per_device_train_batch_size=BATCH,
-                             learning_rate=1e-3, save_steps=70, logging_steps=10_000, disable_tqdm=True)
-    trainer = Trainer(new_model(), args, train_dataset=digits_dataset())
-    probe = _FirstStep(time.perf_counter())
-    trainer.add_callback(probe)
-    probe.start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    return probe.elapsed
+    """Seconds from launching a training process to its first optimizer step (what a restarted job waits)."""
+    env = dict(os.environ, BENCH_T0=repr(time.time()))
+    argv = [sys.executable, "-c", _FIRST_STEP, out] + ([resume] if resume else [])
+    done = subprocess.run(argv, capture_output=True, text=True, check=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return float(next(line for line in done.stdout.splitlines() if line.startswith("first-step")).split()[1])
 
 
 def resume_cost(repeats: int = 5) -> dict[str, float]:
-    """Start-to-first-optimizer-step when resuming mid-epoch (step 70 of 57/epoch) against a fresh start."""
+    """Launch-to-first-optimizer-step resuming mid-epoch (step 70; 57 steps per epoch) against a fresh start."""
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, max_steps=70, per_device_train_batch_size=BATCH, save_steps=70,
                                  learning_rate=1e-3, logging_steps=10_000, disable_tqdm=True)
-        Trainer(new_model(), args, train_dataset=digits_dataset()).train()
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            Trainer(new_model(), args, train_dataset=digits_dataset()).train()
         ckpt = os.path.join(out, "checkpoint-70")
-        fresh, resumed = [], []
-        for _ in range(repeats):
-            with tempfile.TemporaryDirectory() as a:
-                fresh.append(_time_to_first_step(a, None))
-            with tempfile.TemporaryDirectory() as b:
-                resumed.append(_time_to_first_step(b, ckpt))
-    f, r = statistics.median(fresh), statistics.median(resumed)
-    return {"fresh_s": f, "resume_s": r, "ratio": r / f}
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            r = paired(lambda: _time_to_first_step(a, None), lambda: _time_to_first_step(b, ckpt), repeats)
+    return {"fresh_s": r["a"], "resume_s": r["b"], "ratio": r["ratio"]}
 
 
 def import_cost(repeats: int = 7) -> dict[str, float]:

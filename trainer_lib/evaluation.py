@@ -98,8 +98,12 @@ class EvaluationMixin:
         """(loss, logits, labels) of one batch, without gradients."""
         inputs = self._to_device(inputs)
         labels = inputs.get("labels")
-        with torch.inference_mode(), self._autocast():
-            outputs = model(**inputs)
+        if torch.is_inference_mode_enabled():  # inside evaluation_loop, which holds one inference_mode for all
+            with self._autocast():
+                outputs = model(**inputs)
+        else:
+            with torch.inference_mode(), self._autocast():
+                outputs = model(**inputs)
         loss = _loss_or_none(outputs) if labels is not None else None
         return loss, _logits_of(outputs), labels
 
@@ -108,26 +112,26 @@ class EvaluationMixin:
         model = self.model
         was_training = model.training
         model.eval()
-        losses: list[torch.Tensor] = []
+        total_loss: float | None = None
         logits_parts: list[torch.Tensor] = []
         label_parts: list[torch.Tensor] = []
         seen = 0
         try:
-            for inputs in dataloader:
-                loss, logits, labels = self.prediction_step(model, inputs)
-                batch = next(iter(inputs.values())).shape[0]
-                seen += batch
-                if loss is not None:
-                    losses.append(loss.detach().float() * batch)
-                if logits is not None:
-                    logits_parts.append(logits.detach())
-                if labels is not None:
-                    label_parts.append(labels.detach())
-                self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+            with torch.inference_mode():
+                for inputs in dataloader:
+                    loss, logits, labels = self.prediction_step(model, inputs)
+                    batch = next(iter(inputs.values())).shape[0]
+                    seen += batch
+                    if loss is not None:
+                        total_loss = (total_loss or 0.0) + loss.item() * batch
+                    if logits is not None:
+                        logits_parts.append(logits)
+                    if labels is not None:
+                        label_parts.append(labels)
+                    self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
         finally:
             model.train(was_training)
 
-        total_loss = torch.stack(losses).sum().item() if losses else None
         preds = torch.cat(logits_parts).float().cpu().numpy() if logits_parts else None
         labels = torch.cat(label_parts).cpu().numpy() if label_parts else None
         if self.dist.enabled:
