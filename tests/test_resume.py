@@ -84,8 +84,8 @@ def test_resume_true_without_checkpoint_is_a_clear_error(tmp_path):
     "damage, expected",
     [
         ("truncate_weights", "model.safetensors"),
-        ("delete_optimizer", "optimizer.pt"),
-        ("flip_bytes", "optimizer.pt"),
+        ("delete_optimizer", "optimizer.safetensors"),
+        ("flip_bytes", "optimizer.safetensors"),
         ("delete_state", "trainer_state.json"),
         ("delete_manifest", "manifest.json"),
     ],
@@ -97,11 +97,11 @@ def test_damaged_checkpoint_is_refused_and_nothing_is_loaded(tmp_path, damage, e
     if damage == "truncate_weights":
         (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:50])
     elif damage == "delete_optimizer":
-        (ck / "optimizer.pt").unlink()
+        (ck / "optimizer.safetensors").unlink()
     elif damage == "flip_bytes":
-        data = bytearray((ck / "optimizer.pt").read_bytes())
+        data = bytearray((ck / "optimizer.safetensors").read_bytes())
         data[len(data) // 2] ^= 0xFF
-        (ck / "optimizer.pt").write_bytes(bytes(data))
+        (ck / "optimizer.safetensors").write_bytes(bytes(data))
     elif damage == "delete_state":
         (ck / "trainer_state.json").unlink()
     else:
@@ -125,14 +125,14 @@ def test_malicious_pickle_in_checkpoint_is_never_executed(tmp_path, monkeypatch)
     source = make_trainer(tmp_path / "src", max_steps=5, eval_strategy="no")
     source.train()
     ck = tmp_path / "src" / "checkpoint-5"
-    with open(ck / "optimizer.pt", "wb") as f:
+    with open(ck / "scheduler.pt", "wb") as f:
         pickle.dump({"state": Boom()}, f)
     # make the manifest agree, as an attacker would
     manifest = json.loads((ck / "manifest.json").read_text())
-    import hashlib
+    import zlib
 
-    blob = (ck / "optimizer.pt").read_bytes()
-    manifest["files"]["optimizer.pt"] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    blob = (ck / "scheduler.pt").read_bytes()
+    manifest["files"]["scheduler.pt"] = {"size": len(blob), "crc32": f"{zlib.crc32(blob):08x}"}
     (ck / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="weights_only"):
         make_trainer(tmp_path / "other", max_steps=8, eval_strategy="no").train(resume_from_checkpoint=str(ck))
@@ -144,7 +144,7 @@ def test_checkpoint_contents_and_atomicity(tmp_path):
     trainer.train()
     ck = tmp_path / "checkpoint-5"
     names = {p.name for p in ck.iterdir()}
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json",
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.pt", "rng_state.pt", "trainer_state.json",
             "loop_state.json", "training_args.json", "manifest.json"} <= names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     weights = load_weights(str(ck))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -12,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -166,7 +166,7 @@ def _make_checkpoint(work: str) -> str:
 def _rewrite_manifest(ck: str, name: str) -> None:
     manifest = json.load(open(os.path.join(ck, "manifest.json")))
     blob = open(os.path.join(ck, name), "rb").read()
-    manifest["files"][name] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    manifest["files"][name] = {"size": len(blob), "crc32": f"{zlib.crc32(blob):08x}"}
     json.dump(manifest, open(os.path.join(ck, "manifest.json"), "w"))
 
 
@@ -177,9 +177,9 @@ class _Payload:
 
 DAMAGES: dict[str, Callable[[str], None]] = {
     "truncated weights": lambda ck: open(os.path.join(ck, "model.safetensors"), "r+b").truncate(64),
-    "deleted optimizer": lambda ck: os.remove(os.path.join(ck, "optimizer.pt")),
+    "deleted optimizer": lambda ck: os.remove(os.path.join(ck, "optimizer.safetensors")),
     "flipped bytes in weights": lambda ck: _flip(os.path.join(ck, "model.safetensors")),
-    "flipped bytes in optimizer": lambda ck: _flip(os.path.join(ck, "optimizer.pt")),
+    "flipped bytes in optimizer": lambda ck: _flip(os.path.join(ck, "optimizer.safetensors")),
     "missing trainer_state.json": lambda ck: os.remove(os.path.join(ck, "trainer_state.json")),
     "missing manifest (partial)": lambda ck: os.remove(os.path.join(ck, "manifest.json")),
     "empty rng state": lambda ck: open(os.path.join(ck, "rng_state.pt"), "w").close(),
@@ -246,6 +246,13 @@ def malicious_pickle_trials() -> list[tuple[str, bool, str]]:
             os.remove(marker)
         with tempfile.TemporaryDirectory() as work:
             ck = _make_checkpoint(work)
+            if name == "optimizer.pt":  # the pickle fallback for optimizers: replace the tensor form with it
+                for other in ("optimizer.safetensors", "optimizer.json"):
+                    os.remove(os.path.join(ck, other))
+                manifest = json.load(open(os.path.join(ck, "manifest.json")))
+                for other in ("optimizer.safetensors", "optimizer.json"):
+                    manifest["files"].pop(other)
+                json.dump(manifest, open(os.path.join(ck, "manifest.json"), "w"))
             with open(os.path.join(ck, name), "wb") as f:
                 pickle.dump({"payload": _Payload()}, f)
             _rewrite_manifest(ck, name)
