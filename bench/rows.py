@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from trainer_lib import Trainer, TrainingArguments, set_seed
+from trainer_lib import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .core import BATCH, digits_dataset, new_model, paired
 
@@ -37,9 +37,25 @@ class _Wide(torch.nn.Module):
         return out
 
 
-def _wide_run(steps: int, save_every: int | None, asynchronous: bool) -> float:
+class _StepClock(TrainerCallback):
+    """Wall time of every training step, the save that follows it included."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.marks.append(time.perf_counter())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def _wide_run(steps: int, save_every: int | None, asynchronous: bool) -> list[float]:
     set_seed(0)
-    model = _Wide()
+    clock = _StepClock()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as out:
         args = TrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=1e-4,
@@ -47,27 +63,31 @@ def _wide_run(steps: int, save_every: int | None, asynchronous: bool) -> float:
             save_strategy="steps" if save_every else "no", save_steps=save_every or 500, save_total_limit=2,
             async_checkpointing=asynchronous,
         )
-        trainer = Trainer(model, args, train_dataset=digits_dataset())
-        start = time.perf_counter()
-        trainer.train()
-        return time.perf_counter() - start
+        trainer = Trainer(_Wide(), args, train_dataset=digits_dataset(), callbacks=[clock])
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            trainer.train()
+    return clock.durations()
 
 
-def checkpoint_stall(steps: int = 200, save_every: int = 50) -> dict[str, float]:
-    """Training time lost per checkpoint, background writer vs synchronous save of the same state."""
+def _excess(durations: list[float]) -> float:
+    """Seconds spent above the run's own median step time (slow steps: saves, and noise)."""
+    median = statistics.median(durations)
+    return sum(max(0.0, d - median) for d in durations)
+
+
+def checkpoint_stall(steps: int = 200, save_every: int = 50, repeats: int = 3) -> dict[str, float]:
+    """Training time lost per checkpoint: the time steps spend above their median in a run with checkpoints,
+    minus the same in an adjacent run without (the noise floor); background writer vs synchronous save."""
     n = steps // save_every
     _wide_run(20, None, False)  # warm-up
-    base, sync, asyn = [], [], []
-    for _ in range(2):
-        base.append(_wide_run(steps, None, False))
-        sync.append(_wide_run(steps, save_every, False))
-        asyn.append(_wide_run(steps, save_every, True))
-    b = statistics.median(base)
-    lost_sync = max(0.0, (statistics.median(sync) - b) / n)
-    lost_async = max(0.0, (statistics.median(asyn) - b) / n)
+    lost_sync, lost_async = [], []
+    for _ in range(repeats):
+        floor = _excess(_wide_run(steps, None, False))
+        lost_sync.append((_excess(_wide_run(steps, save_every, False)) - floor) / n)
+        lost_async.append((_excess(_wide_run(steps, save_every, True)) - floor) / n)
+    ls, la = statistics.median(lost_sync), max(0.0, statistics.median(lost_async))
     params = sum(p.numel() for p in _Wide().parameters())
-    return {"params": params, "lost_sync_s": lost_sync, "lost_async_s": lost_async,
-            "ratio": lost_async / lost_sync if lost_sync else float("nan")}
+    return {"params": params, "lost_sync_s": ls, "lost_async_s": la, "ratio": la / ls if ls > 0 else float("nan")}
 
 
 _FIRST_STEP = r"""

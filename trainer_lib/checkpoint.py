@@ -221,6 +221,31 @@ def clean_stale_temporaries(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
+class StagingArea:
+    """Reusable CPU buffers that a background write reads while training goes on.
+
+    Copying into memory that is already mapped avoids fresh allocations, whose page faults cost hundreds of ms
+    per checkpoint for a large model. The caller must wait for the previous write before copying again.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def snapshot(self, obj: Any, path: tuple = ()) -> Any:
+        if isinstance(obj, torch.Tensor):
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+                buffer = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=obj.is_cuda)
+                self._buffers[path] = buffer
+            buffer.copy_(obj.detach(), non_blocking=obj.is_cuda)
+            return buffer
+        if isinstance(obj, dict):
+            return {k: self.snapshot(v, path + (k,)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.snapshot(v, path + (i,)) for i, v in enumerate(obj))
+        return obj
+
+
 class CheckpointWriter:
     """Writes checkpoints synchronously, or in a background thread with at most one write in flight."""
 
@@ -237,11 +262,6 @@ class CheckpointWriter:
             return
 
         def run() -> None:
-            try:
-                # Lowest CPU priority for this thread only (Linux): the training threads keep the cores.
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            except (AttributeError, OSError):
-                pass
             try:
                 folder = write_checkpoint(payload, output_dir)
             except BaseException as error:  # surfaced in the training thread by wait()

@@ -109,6 +109,7 @@ class Trainer(EvaluationMixin):
         self.control = TrainerControl()
         self.is_in_train = False
         self._ckpt_writer = ckpt.CheckpointWriter(asynchronous=self.args.async_checkpointing)
+        self._staging = ckpt.StagingArea()
 
         default_callbacks = [DefaultFlowCallback] + resolve_report_to(self.args.report_to)
         all_callbacks = default_callbacks + list(callbacks or [])
@@ -508,11 +509,8 @@ class Trainer(EvaluationMixin):
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
     # -- saving ----------------------------------------------------------------------------------------------
-    def _state_dict_copy(self, live: bool) -> dict[str, torch.Tensor]:
-        weights = {k: v.detach() for k, v in self.model.state_dict().items()}
-        if not live:
-            return {k: v.to("cpu", copy=True).contiguous() for k, v in weights.items()}
-        return {k: v.contiguous().cpu() for k, v in weights.items()}
+    def _weights_for_saving(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
 
     def _save_checkpoint(self, tr_loss: torch.Tensor) -> None:
         step = self.state.global_step
@@ -522,13 +520,20 @@ class Trainer(EvaluationMixin):
                 self.state.best_model_checkpoint = best
         self.state.stateful_callbacks = self._collect_callback_states()
         if self.dist.is_world_zero:
-            detach = self._ckpt_writer.asynchronous  # a background write needs its own copy of the state
-            optimizer_state = self.optimizer.state_dict()
+            detach = self._ckpt_writer.asynchronous
+            weights, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
             if detach:
-                optimizer_state = _deep_copy_tensors(optimizer_state)
+                # a background write gets its own copy, in buffers reused from the previous checkpoint
+                self._ckpt_writer.wait()
+                weights = self._staging.snapshot(weights, ("weights",))
+                optimizer_state = self._staging.snapshot(optimizer_state, ("optimizer",))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+            else:
+                weights = self._weights_for_saving()
             payload = ckpt.CheckpointPayload(
                 step=step,
-                weights=self._state_dict_copy(live=not detach),
+                weights=weights,
                 optimizer=optimizer_state,
                 scheduler=copy.deepcopy(self.lr_scheduler.state_dict()),
                 rng=ckpt.capture_rng_state(),
@@ -575,7 +580,7 @@ class Trainer(EvaluationMixin):
         output_dir = output_dir or self.args.output_dir
         if self.dist.is_world_zero:
             os.makedirs(output_dir, exist_ok=True)
-            weights = self._state_dict_copy(live=True)
+            weights = self._weights_for_saving()
             target = os.path.join(output_dir, ckpt.WEIGHTS)
             save_file(weights, target + ".tmp", metadata={"format": "pt"})
             os.replace(target + ".tmp", target)
@@ -588,14 +593,3 @@ class Trainer(EvaluationMixin):
         broadcast_object(None, self.dist)
         return output_dir
 
-
-def _deep_copy_tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _deep_copy_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deep_copy_tensors(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_deep_copy_tensors(v) for v in obj)
-    return obj
