@@ -8,10 +8,11 @@ PYTEST_ARGS ?=
 setup: $(VENV)/.installed
 
 # torch==2.13.0 first: it is the CPU wheel; an open range alone would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[all,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
 	touch $@
 
 run: setup
