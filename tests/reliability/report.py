@@ -1,0 +1,149 @@
+"""Every reliability figure at full size: ``python -m tests.reliability.report`` prints ``| figure | tried | held |``
+and the failing cases, and exits non-zero if any case did not hold. Starts its own MLflow servers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.reliability import bad_inputs, checks, trackers_faults
+
+Trial = tuple[str, bool, str]
+
+
+def flyte_chain_trials(kills: int = 5) -> list[Trial]:
+    """R1 through a cluster's attempts: ``kills`` pyflyte-execute attempts, each SIGKILLed after its first new Flyte
+    checkpoint and resumed by the next from ``--prev-checkpoint``; the last one's model equals an uninterrupted run."""
+    import torch
+    from flytekit.types.directory import FlyteDirectory
+
+    from tests import flyte_helpers as fh
+    from tests.test_flyte import MAX_STEPS, small_config
+    from trainer_lib import checkpoint as ckpt
+    from workflows import pipeline
+    from workflows.config import PipelineConfig
+
+    with tempfile.TemporaryDirectory() as root:
+        data = os.path.join(root, "data")
+        pipeline.prepare(small_config(save_steps=5), data)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the pyflyte subprocesses (OMP_NUM_THREADS=1): identical float reductions
+        try:
+            pipeline.train(small_config(save_steps=5), data, os.path.join(root, "ref-ck"), os.path.join(root, "ref"),
+                           report_to=[])
+        finally:
+            torch.set_num_threads(threads)
+        reference = ckpt.load_weights(os.path.join(root, "ref"))
+        fh.write_inputs(os.path.join(root, "inputs.pb"),
+                     {"config": small_config(save_steps=5, report_to=["flyte"]), "data": FlyteDirectory(data),
+                      "workdir": ""}, {"config": PipelineConfig, "data": FlyteDirectory, "workdir": str})
+        env, prev, prev_step, kills_at, problems = fh.flyte_env(root), "", 0, [], []
+        for k in range(kills + 1):
+            cp, name = os.path.join(root, f"flyte-checkpoint-{k}"), f"attempt{k + 1}"
+
+            def ready(cp=cp, after=prev_step) -> bool:
+                newest = fh.complete_checkpoint(cp)
+                return newest is not None and ckpt.checkpoint_step(newest) > after
+
+            done = fh.run_until(fh.execute_command(root, name, "train_model", cp, prev), env, os.path.join(root, f"log{k}"),
+                             ready if k < kills else None)
+            resumed = re.search(r"resuming from \S+/checkpoint-(\d+)", done.stderr)
+            if k and not (resumed and int(resumed.group(1)) >= prev_step):
+                problems.append(f"{name} did not resume from checkpoint-{prev_step}")
+            if k == kills:
+                break
+            if not done.signalled or done.returncode != -9:
+                problems.append(f"{name} was not killed (rc={done.returncode}): {done.stderr[-300:]}")
+                break
+            prev, prev_step = cp, ckpt.checkpoint_step(fh.complete_checkpoint(cp))
+            kills_at.append(prev_step)
+        if not problems:
+            if done.returncode != 0:
+                problems.append(f"the last attempt failed: {done.stderr[-500:]}")
+            else:
+                model_dir = fh.read_outputs(os.path.join(root, name, "out"))["model"]
+                weights = ckpt.load_weights(model_dir)
+                if weights.keys() != reference.keys() or not all(torch.equal(weights[n], reference[n])
+                                                                 for n in reference):
+                    problems.append("final weights differ from the uninterrupted run")
+                history = json.load(open(os.path.join(model_dir, "log_history.json")))
+                steps = [e["step"] for e in history if "loss" in e]
+                if steps != [1] + list(range(10, MAX_STEPS + 1, 10)):
+                    problems.append(f"log history not continuous: loss at steps {steps}")
+    detail = "; ".join(problems) or f"resumed bit-exactly to step {MAX_STEPS}"
+    return [(f"attempt {i + 1} SIGKILLed at checkpoint-{s}", not problems, detail) for i, s in enumerate(kills_at)] \
+        or [("chained attempts", False, detail)]
+
+
+def _figures(private_server: Callable[[], object], shared) -> list[tuple[str, Callable[[], list[Trial]]]]:
+    return [
+        ("R1 kill -9 at random moments, resume (12, sync)", lambda: checks.kill_nine_trials(12, mode="sync")),
+        ("R1 kill -9 of chained pyflyte-execute attempts", flyte_chain_trials),
+        ("R2 damaged checkpoints", checks.damaged_checkpoint_trials),
+        ("R3 tracker outage (TensorBoard + DVCLive keep all data)",
+         lambda: trackers_faults.tracker_outage_trials(private_server)),
+        ("R4 bad inputs, CLI", bad_inputs.cli_trials),
+        ("R4 bad inputs, Python API", bad_inputs.api_trials),
+        ("R5 malicious pickles in checkpoints", checks.malicious_pickle_trials),
+        ("R6 canary secret, 8 trackers (files, stores, output)",
+         lambda: trackers_faults.canary_trials(shared.uri, str(shared.root))),
+        ("R7 4 concurrent trainings on one MLflow server",
+         lambda: trackers_faults.concurrent_mlflow_trials(shared.uri, processes=4, steps=50)),
+    ]
+
+
+def main() -> int:
+    from tests.conftest import _ISOLATED_ENV, MlflowServer
+
+    for name in _ISOLATED_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+                      MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0", MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0",
+                      MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    rows, failures = [], []
+    with tempfile.TemporaryDirectory() as work:
+        servers = [MlflowServer(Path(work) / "shared")]
+        servers[0].start()
+
+        def private_server() -> MlflowServer:
+            server = MlflowServer(Path(work) / f"private-{len(servers)}")
+            servers.append(server)
+            server.start()
+            return server
+
+        try:
+            for figure, trials in _figures(private_server, servers[0]):
+                start = time.monotonic()
+                print(f"running {figure} ...", file=sys.stderr, flush=True)
+                try:
+                    with contextlib.redirect_stdout(sys.stderr):  # trainings print their logs: keep stdout clean
+                        results = trials()
+                except Exception:
+                    results = [("(the check itself)", False, traceback.format_exc()[-1500:])]
+                held = sum(1 for _, ok, _ in results if ok)
+                rows.append((figure, len(results), held))
+                failures += [(figure, case, detail) for case, ok, detail in results if not ok]
+                print(f"  {held}/{len(results)} held in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        finally:
+            for server in servers:
+                server.stop()
+    print("\n| figure | tried | held |\n|---|---|---|")
+    for figure, tried, held in rows:
+        print(f"| {figure} | {tried} | {held} |")
+    if failures:
+        print("\nDid not hold:")
+        for figure, case, detail in failures:
+            print(f"- {figure} / {case}: {detail}")
+    return 1 if failures or any(tried == 0 for _, tried, _ in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
