@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import time
 from typing import Any
 
 from trainer_lib.checkpoint import list_checkpoints
@@ -99,6 +100,9 @@ def _number(text: str) -> int | float | str:
     return text
 
 
+#: seconds between DVCLive summary refreshes (metrics.json); every log event still appends to the plot files
+SUMMARY_INTERVAL = float(os.environ.get("FLYTRAIN_DVCLIVE_SUMMARY_INTERVAL", "2"))
+
 class DVCLiveCallback(TrackerCallback):
     """Logs to DVCLive in ``dir`` (default ``<output_dir>/dvclive``), or into a given ``live``.
 
@@ -123,6 +127,7 @@ class DVCLiveCallback(TrackerCallback):
         self._dir = dir
         self._live_kwargs = live_kwargs
         self._last_step: dict[str, int] = {}
+        self._last_summary = 0.0
 
     def setup(self, args, state, model, **kwargs) -> None:
         if self.live is None:
@@ -134,6 +139,7 @@ class DVCLiveCallback(TrackerCallback):
             self.live = _live_class()(dir=live_dir, resume=resume, **options)
             self._owns_live = True
         self._last_step = {}
+        self._last_summary = 0.0
         self.live.log_params(training_params(args, model))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -153,8 +159,12 @@ class DVCLiveCallback(TrackerCallback):
                 continue  # "epoch" comes with every train and eval log of a step
             self.live.log_metric(key, value, plot=key not in summary_only)
             self._last_step[key] = step
-        # next_step writes metrics.json (and the report) with step = global_step; the next log sets step again.
-        self.live.next_step()
+        # DVCLive's next_step rewrites metrics.json (and more) from all plot files: costly at every log event, so
+        # the summary is refreshed at most every SUMMARY_INTERVAL seconds, before each checkpoint and at the end.
+        now = time.monotonic()
+        if control.should_save or control.should_training_stop or now - self._last_summary >= SUMMARY_INTERVAL:
+            self.live.next_step()
+            self._last_summary = now
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self._log_model == "all" and self._ensure_setup(args, state, model) and list_checkpoints(args.output_dir):
