@@ -100,9 +100,6 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-#: seconds between DVCLive summary refreshes (metrics.json); every log event still appends to the plot files
-SUMMARY_INTERVAL = float(os.environ.get("FLYTRAIN_DVCLIVE_SUMMARY_INTERVAL", "2"))
-
 class DVCLiveCallback(TrackerCallback):
     """Logs to DVCLive in ``dir`` (default ``<output_dir>/dvclive``), or into a given ``live``.
 
@@ -128,6 +125,7 @@ class DVCLiveCallback(TrackerCallback):
         self._live_kwargs = live_kwargs
         self._last_step: dict[str, int] = {}
         self._last_summary = 0.0
+        self._summary_interval = float(os.environ.get("FLYTRAIN_DVCLIVE_SUMMARY_INTERVAL", "2"))
 
     def setup(self, args, state, model, **kwargs) -> None:
         if self.live is None:
@@ -160,9 +158,10 @@ class DVCLiveCallback(TrackerCallback):
             self.live.log_metric(key, value, plot=key not in summary_only)
             self._last_step[key] = step
         # DVCLive's next_step rewrites metrics.json (and more) from all plot files: costly at every log event, so
-        # the summary is refreshed at most every SUMMARY_INTERVAL seconds, before each checkpoint and at the end.
+        # the summary is refreshed at most every FLYTRAIN_DVCLIVE_SUMMARY_INTERVAL seconds (default 2), before each
+        # checkpoint and at the end; every log event still appends to the plot files at once.
         now = time.monotonic()
-        if control.should_save or control.should_training_stop or now - self._last_summary >= SUMMARY_INTERVAL:
+        if control.should_save or control.should_training_stop or now - self._last_summary >= self._summary_interval:
             self.live.next_step()
             self._last_summary = now
 

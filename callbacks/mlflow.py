@@ -28,9 +28,6 @@ logger = logging.getLogger(__name__)
 _BAD_NAME_CHARS = re.compile(r"[^\w\-./ ]")
 
 
-#: seconds between metric batches sent to the tracking server (log events in between are coalesced)
-SEND_INTERVAL = float(os.environ.get("FLYTRAIN_MLFLOW_SEND_INTERVAL", "2"))
-
 def sanitize_name(name: Any) -> str:
     """A metric or param name MLflow accepts everywhere: other characters become "_", no empty path parts."""
     parts = [p for p in _BAD_NAME_CHARS.sub("_", str(name)).split("/") if p not in ("", ".", "..")]
@@ -140,6 +137,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self._pending: list[concurrent.futures.Future] = []
         self._buffer: list = []
         self._last_send = 0.0
+        self._send_interval = env_seconds("FLYTRAIN_MLFLOW_SEND_INTERVAL", 2.0)
         self._logged_upto: dict[str, int] = {}
         self._existing_params: dict[str, str] = {}
         self._warned_keys: set[str] = set()
@@ -403,11 +401,12 @@ class MLflowCallback(TrackerCallback, ExportableState):
             name = sanitize_name(key)
             if step > self._logged_upto.get(name, -1):
                 metrics.append(Metric(name, float(value), timestamp, step))
-        # Coalesce log events into one batch per SEND_INTERVAL: a call costs the same for 1 or 1,000 metrics.
+        # Coalesce log events into one batch per FLYTRAIN_MLFLOW_SEND_INTERVAL seconds (default 2): a call costs
+        # about the same for 1 or 1,000 metrics.
         # Before a checkpoint (should_save) everything goes out, so a resumed run never misses a step.
         self._buffer.extend(metrics)
         now = time.monotonic()
-        if (control.should_save or control.should_training_stop or now - self._last_send >= SEND_INTERVAL
+        if (control.should_save or control.should_training_stop or now - self._last_send >= self._send_interval
                 or len(self._buffer) >= self._metrics_per_batch):
             self._send_buffer()
 

@@ -188,7 +188,7 @@ def tracker_outage_trials(start_server: Callable[[], object]) -> list[tuple[str,
     from tests.conftest import free_port
     from trainer_lib.registry import register_integration
 
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+    quick = {"FLYTRAIN_MLFLOW_SEND_INTERVAL": "0", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0", "FLYTRAIN_TRACKER_TIMEOUT": "0",
              "MLFLOW_RUN_ID": None, "MLFLOW_EXPERIMENT_NAME": "outage", "HF_MLFLOW_LOG_ARTIFACTS": None}
     results = []
