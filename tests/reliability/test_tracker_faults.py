@@ -29,6 +29,14 @@ def test_r6_canary_secret_appears_in_no_file_or_output(mlflow_server):
 
 
 @pytest.mark.timeout(300)
+def test_report_to_all_runs_every_installed_tracker(mlflow_server):
+    # azure_ml is not installed here, flyte needs a running task, dagshub a DagsHub repository
+    results = trackers_faults.canary_trials(mlflow_server, report_to_all=True)
+    assert any(case.startswith('report_to="all"') for case, _, _ in results)
+    _assert_all_held(results)
+
+
+@pytest.mark.timeout(300)
 def test_r7_four_concurrent_trainings_on_one_mlflow_server(mlflow_server):
     results = trackers_faults.concurrent_mlflow_trials(mlflow_server, processes=4, steps=20)
     assert len(results) == 4

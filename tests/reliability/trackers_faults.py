@@ -246,12 +246,13 @@ args = TrainingArguments(output_dir=out, max_steps=10, logging_steps=2, save_ste
                          strict_integrations=True, run_name="canary-run",
                          extra={{"hub_token": canary, "db_password": canary}})
 trainer = Trainer(make_model(), args, train_dataset=train, eval_dataset=evaluation, compute_metrics=accuracy,
-                  callbacks=[NeptuneCallback(log_checkpoints="same")])
+                  callbacks={callbacks})
 trainer.train()
 trainer.save_model(os.path.join(out, "final"))
 ml = next(c for c in trainer.callback_handler.callbacks if getattr(c, "integration_name", "") == "mlflow")
+names = sorted(c.integration_name for c in trainer.callback_handler.callbacks if getattr(c, "integration_name", ""))
 print("RESULT " + json.dumps({{"mlflow_run_id": ml.state()["attributes"]["_resume_run_id"],
-                              "steps": trainer.state.global_step}}))
+                              "steps": trainer.state.global_step, "integrations": names}}))
 """
 
 CLEARML_CONF = """
@@ -341,9 +342,11 @@ def _mlflow_root(uri: str, run_id: str) -> str | None:
     return root if os.path.isfile(os.path.join(root, "mlflow.db")) else None
 
 
-def canary_trials(mlflow_uri: str, mlflow_root: str | None = None) -> list[tuple[str, bool, str]]:
+def canary_trials(mlflow_uri: str, mlflow_root: str | None = None,
+                  report_to_all: bool = False) -> list[tuple[str, bool, str]]:
     """R6: one training with every offline-capable tracker on, artifacts on, a canary in every credential variable
-    and in the arguments; the canary must appear in no file written anywhere and in no output."""
+    and in the arguments; the canary must appear in no file written anywhere and in no output.
+    With ``report_to_all`` the trackers come from report_to="all", which must pick exactly those eight."""
     canary = "canary-" + secrets.token_hex(12)
     needle = canary.encode()
     results = []
@@ -358,7 +361,9 @@ def canary_trials(mlflow_uri: str, mlflow_root: str | None = None) -> list[tuple
             f.write(CLEARML_CONF % {"host": NOWHERE})
         script = os.path.join(work, "train_canary.py")
         with open(script, "w") as f:
-            f.write(CANARY_SCRIPT.format(root=ROOT, trackers=CANARY_TRACKERS))
+            f.write(CANARY_SCRIPT.format(
+                root=ROOT, trackers="all" if report_to_all else CANARY_TRACKERS,
+                callbacks="[]" if report_to_all else '[NeptuneCallback(log_checkpoints="same")]'))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_", "COMET_", "NEPTUNE_",
                                                                          "CLEARML_", "DAGSHUB_", "HF_"))}
         env.update({name: canary for name in CANARY_ENV})
@@ -391,6 +396,10 @@ def canary_trials(mlflow_uri: str, mlflow_root: str | None = None) -> list[tuple
             return results + [("training with 8 trackers at once", False,
                                 f"rc={proc.returncode}: {stderr[-1500:]}")]
         results.append(("training with 8 trackers at once", True, f"{seconds:.0f} s, strict_integrations"))
+        if report_to_all:
+            expected = sorted(CANARY_TRACKERS + ["neptune"])
+            results.append(('report_to="all" picks every installed tracker', result["integrations"] == expected,
+                            f"got {result['integrations']}, expected {expected}"))
 
         # every file under the run's cwd (which holds HOME, TMPDIR and every tracker folder), grouped by tracker
         groups = {
