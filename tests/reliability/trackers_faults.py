@@ -107,7 +107,7 @@ for _event in EVENTS:
 
 
 class StopServerAt(TrainerCallback):
-    """At ``on_step_end`` of ``step``: wait until MLflow shows the step logged before it, then SIGKILL the server,
+    """At ``on_step_end`` of ``step``: wait until MLflow shows every step logged before it, then SIGKILL the server,
     so the outage starts in the middle of the run, after data reached the server."""
 
     def __init__(self, server, step: int) -> None:
@@ -122,7 +122,7 @@ class StopServerAt(TrainerCallback):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             self.seen = sorted(m.step for m in client.get_metric_history(self.mlflow_callback._run_id, "loss"))
-            if self.step - 1 in self.seen:
+            if set(range(1, self.step)) <= set(self.seen):  # async batches may land out of order: wait for all
                 break
             time.sleep(0.05)
         self.server.stop(kill=True)
