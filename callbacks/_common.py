@@ -42,6 +42,20 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A non-negative number of seconds from the environment; anything else is an error naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"environment variable {name}={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
 def rewrite_logs(logs: Mapping[str, Any]) -> dict[str, Any]:
     """``eval_x`` → ``eval/x``, ``test_x`` → ``test/x``, anything else → ``train/x``."""
     out = {}

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 from trainer_lib.checkpoint import ARGS, WEIGHTS
 
-from ._common import env_flag, redact
-from .mlflow import MLflowCallback, env_seconds
+from ._common import env_flag, env_seconds, redact
+from .mlflow import MLflowCallback
 
 logger = logging.getLogger(__name__)
 

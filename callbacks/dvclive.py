@@ -20,6 +20,7 @@ from trainer_lib.checkpoint import list_checkpoints
 from ._common import (
     RUN_SUMMARY_KEYS,
     TrackerCallback,
+    env_seconds,
     logger,
     numeric_items,
     rewrite_logs,
@@ -125,7 +126,7 @@ class DVCLiveCallback(TrackerCallback):
         self._live_kwargs = live_kwargs
         self._last_step: dict[str, int] = {}
         self._last_summary = 0.0
-        self._summary_interval = float(os.environ.get("FLYTRAIN_DVCLIVE_SUMMARY_INTERVAL", "2"))
+        self._summary_interval = env_seconds("FLYTRAIN_DVCLIVE_SUMMARY_INTERVAL", 2.0)
 
     def setup(self, args, state, model, **kwargs) -> None:
         if self.live is None:

@@ -21,7 +21,15 @@ from typing import Any
 from trainer_lib.checkpoint import list_checkpoints
 from trainer_lib.state import ExportableState
 
-from ._common import TrackerCallback, env_flag, flatten_dict, numeric_items, redact, training_params
+from ._common import (
+    TrackerCallback,
+    env_flag,
+    env_seconds,
+    flatten_dict,
+    numeric_items,
+    redact,
+    training_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +40,6 @@ def sanitize_name(name: Any) -> str:
     """A metric or param name MLflow accepts everywhere: other characters become "_", no empty path parts."""
     parts = [p for p in _BAD_NAME_CHARS.sub("_", str(name)).split("/") if p not in ("", ".", "..")]
     return "/".join(parts) or "_"
-
-
-def env_seconds(name: str, default: float) -> float:
-    """A non-negative number of seconds from the environment; anything else is an error naming the variable."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ValueError(f"environment variable {name}={raw!r}: expected a number of seconds >= 0")
-    return value
 
 
 def _env_tags() -> dict[str, str]:
