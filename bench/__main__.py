@@ -40,7 +40,7 @@ def main() -> None:
         r = trackers.compare(opts.steps, opts.repeats)
         print(_row("2. file trackers on (tensorboard, mlflow sqlite, wandb offline, dvclive, codecarbon), log/10 steps",
                    f"{r['tracked_steps_per_s']:.0f} steps/s", f"report_to none {r['plain_steps_per_s']:.0f} steps/s",
-                   r["ratio"], ">= 0.90x"), flush=True)
+                   r["ratio"], f">= 0.90x (pairs {r['ratio_min']:.2f}-{r['ratio_max']:.2f})"), flush=True)
     if "reference" in rows:
         from . import reference
 

@@ -60,4 +60,5 @@ def compare(steps: int = 2000, repeats: int = 7) -> dict[str, float]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-    return {"plain_steps_per_s": r["a"], "tracked_steps_per_s": r["b"], "ratio": r["ratio"]}
+    return {"plain_steps_per_s": r["a"], "tracked_steps_per_s": r["b"], "ratio": r["ratio"],
+            "ratio_min": r["ratio_min"], "ratio_max": r["ratio_max"]}

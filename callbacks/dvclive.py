@@ -12,15 +12,13 @@ import glob
 import json
 import math
 import os
-import time
 from typing import Any
 
 from trainer_lib.checkpoint import list_checkpoints
 
 from ._common import (
     RUN_SUMMARY_KEYS,
-    TrackerCallback,
-    env_seconds,
+    BatchedLogCallback,
     logger,
     numeric_items,
     rewrite_logs,
@@ -101,12 +99,16 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-class DVCLiveCallback(TrackerCallback):
+class DVCLiveCallback(BatchedLogCallback):
     """Logs to DVCLive in ``dir`` (default ``<output_dir>/dvclive``), or into a given ``live``.
 
     ``log_model``: True logs the final model as an artifact, "all" logs ``output_dir`` at every checkpoint (None:
     from ``HF_DVCLIVE_LOG_MODEL``). Artifacts need a DVC repository. ``live_kwargs`` go to ``Live`` (defaults:
     ``save_dvc_exp=False, dvcyaml=None``, so nothing outside ``dir`` is written).
+
+    Log events are written in bursts, once per ``FLYTRAIN_DVCLIVE_SEND_INTERVAL`` seconds (2 s, see
+    ``BatchedLogCallback``), before every checkpoint and at the end; DVCLive's summary (metrics.json, rebuilt from
+    every plot file) is refreshed after each burst.
     """
 
     integration_name = "dvclive"
@@ -125,8 +127,6 @@ class DVCLiveCallback(TrackerCallback):
         self._dir = dir
         self._live_kwargs = live_kwargs
         self._last_step: dict[str, int] = {}
-        self._last_summary = 0.0
-        self._summary_interval = env_seconds("FLYTRAIN_DVCLIVE_SUMMARY_INTERVAL", 2.0)
 
     def setup(self, args, state, model, **kwargs) -> None:
         if self.live is None:
@@ -138,41 +138,35 @@ class DVCLiveCallback(TrackerCallback):
             self.live = _live_class()(dir=live_dir, resume=resume, **options)
             self._owns_live = True
         self._last_step = {}
-        self._last_summary = 0.0
         self.live.log_params(training_params(args, model))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._ensure_setup(args, state, model)
 
-    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, model=None, **kwargs):
-        if not logs or not self._ensure_setup(args, state, model):
-            return
-        numbers, skipped = numeric_items(logs)
-        if skipped:
-            logger.debug("DVCLive: not logging non-numeric values %s", skipped)
-        summary_only = set(rewrite_logs(dict.fromkeys(k for k in numbers if k in RUN_SUMMARY_KEYS)))
-        step = state.global_step
-        self.live.step = step
-        for key, value in rewrite_logs(numbers).items():
-            if self._last_step.get(key) == step:
-                continue  # "epoch" comes with every train and eval log of a step
-            self.live.log_metric(key, value, plot=key not in summary_only)
-            self._last_step[key] = step
-        # DVCLive's next_step rewrites metrics.json (and more) from all plot files: costly at every log event, so
-        # the summary is refreshed at most every FLYTRAIN_DVCLIVE_SUMMARY_INTERVAL seconds (default 2), before each
-        # checkpoint and at the end; every log event still appends to the plot files at once.
-        now = time.monotonic()
-        if control.should_save or control.should_training_stop or now - self._last_summary >= self._summary_interval:
-            self.live.next_step()
-            self._last_summary = now
+    def _send_logs(self, events) -> None:
+        for step, logs in events:
+            numbers, skipped = numeric_items(logs)
+            if skipped:
+                logger.debug("DVCLive: not logging non-numeric values %s", skipped)
+            summary_only = set(rewrite_logs(dict.fromkeys(k for k in numbers if k in RUN_SUMMARY_KEYS)))
+            self.live.step = step
+            for key, value in rewrite_logs(numbers).items():
+                if self._last_step.get(key) == step:
+                    continue  # "epoch" comes with every train and eval log of a step
+                self.live.log_metric(key, value, plot=key not in summary_only)
+                self._last_step[key] = step
+        # next_step rebuilds metrics.json from all plot files: once per burst, not once per event
+        self.live.next_step()
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        super().on_save(args, state, control, model=model, **kwargs)
         if self._log_model == "all" and self._ensure_setup(args, state, model) and list_checkpoints(args.output_dir):
             self.live.log_artifact(args.output_dir)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self._initialized or self.live is None:
             return
+        self.send_pending_logs()
         if self._log_model is True and model is not None:
             name = "best" if args.load_best_model_at_end else "last"
             folder = save_model_files(model, os.path.join(args.output_dir, name))
@@ -181,7 +175,18 @@ class DVCLiveCallback(TrackerCallback):
         self.live.end()
         self._release()
 
+    def on_train_error(self, args, state, control, error: BaseException | None = None, **kwargs):
+        """Training raised: write what was logged and end the Live run (its files stay consistent)."""
+        if not self._initialized or self.live is None:
+            return
+        self.send_pending_logs()
+        if self._owns_live:
+            self.live.step = state.global_step
+            self.live.end()
+        self._release()
+
     def on_integration_error(self, event: str, error: BaseException) -> None:
+        super().on_integration_error(event, error)
         if self.live is not None and self._owns_live:
             self.live.end()
         self._release()

@@ -28,6 +28,7 @@ from ._common import (
     flatten_dict,
     numeric_items,
     redact,
+    send_interval,
     training_params,
 )
 
@@ -131,7 +132,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self._pending: list[concurrent.futures.Future] = []
         self._buffer: list = []
         self._last_send = 0.0
-        self._send_interval = env_seconds("FLYTRAIN_MLFLOW_SEND_INTERVAL", 2.0)
+        self._send_interval = send_interval("mlflow")
         self._logged_upto: dict[str, int] = {}
         self._existing_params: dict[str, str] = {}
         self._warned_keys: set[str] = set()

@@ -9,7 +9,7 @@ from typing import Any
 
 from trainer_lib.state import ExportableState
 
-from ._common import TrackerCallback, logger, redact, rewrite_logs
+from ._common import BatchedLogCallback, logger, redact, rewrite_logs
 
 
 def _model_config_json(model) -> str | None:
@@ -21,11 +21,13 @@ def _model_config_json(model) -> str | None:
     return None
 
 
-class TensorBoardCallback(TrackerCallback, ExportableState):
+class TensorBoardCallback(BatchedLogCallback, ExportableState):
     """Writes the logs to TensorBoard event files in ``args.logging_dir`` (or into a given ``tb_writer``).
 
     The event directory is saved in checkpoints: a resumed run writes into the same directory, and opens its writer
     with ``purge_step`` so the steps a previous attempt logged after the checkpoint are hidden, not doubled.
+    Log events are written and flushed together once per ``FLYTRAIN_TENSORBOARD_SEND_INTERVAL`` seconds (2 s;
+    see ``BatchedLogCallback``), before every checkpoint and at the end.
     """
 
     integration_name = "tensorboard"
@@ -65,10 +67,12 @@ class TensorBoardCallback(TrackerCallback, ExportableState):
     def on_train_begin(self, args, state, control, **kwargs):
         self._ensure_setup(args, state, kwargs.get("model"))
 
-    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
-        if not logs or not self._ensure_setup(args, state, kwargs.get("model")):
-            return
-        step = state.global_step
+    def _send_logs(self, events) -> None:
+        for step, logs in events:
+            self._write(step, logs)
+        self.tb_writer.flush()
+
+    def _write(self, step: int, logs: dict[str, Any]) -> None:
         for key, value in rewrite_logs(logs).items():
             # "epoch" comes with every train and eval log of a step: write each tag once per step.
             if self._last_step.get(key) == step:
@@ -88,12 +92,18 @@ class TensorBoardCallback(TrackerCallback, ExportableState):
                 )
                 continue
             self._last_step[key] = step
-        self.tb_writer.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._initialized:
+            self.send_pending_logs()
+        self._close()
+
+    def on_train_error(self, args, state, control, error: BaseException | None = None, **kwargs):
+        super().on_train_error(args, state, control, error=error, **kwargs)
         self._close()
 
     def on_integration_error(self, event: str, error: BaseException) -> None:
+        super().on_integration_error(event, error)
         self._close()
 
     def _close(self) -> None:

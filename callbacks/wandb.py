@@ -3,6 +3,11 @@
 Environment: ``WANDB_PROJECT`` (default "flytrain"), ``WANDB_LOG_MODEL`` (false | end | checkpoint),
 ``WANDB_WATCH`` (false | gradients | parameters | all), ``WANDB_DISABLED`` (true turns the integration off), plus
 wandb's own variables (``WANDB_MODE=offline``, ``WANDB_DIR``, ...).
+
+Log events reach wandb in bursts, once per ``FLYTRAIN_WANDB_SEND_INTERVAL`` seconds (2 s, see
+``BatchedLogCallback``), each still its own history row at its own ``train/global_step``. Unless ``WANDB_CONSOLE``
+is set, a run this callback starts captures the console in wandb's buffered ``wrap_emu`` mode: wandb's default
+sends every single write to its service process, which costs a small model about a tenth of its speed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from trainer_lib.state import ExportableState
 
 from ._common import (
     RUN_SUMMARY_KEYS,
-    TrackerCallback,
+    BatchedLogCallback,
     env_choice,
     env_flag,
     logger,
@@ -29,7 +34,7 @@ LOG_MODEL_CHOICES = ("false", "true", "end", "checkpoint")
 WATCH_CHOICES = ("false", "gradients", "parameters", "all")
 
 
-class WandbCallback(TrackerCallback, ExportableState):
+class WandbCallback(BatchedLogCallback, ExportableState):
     """Logs a training run to W&B. The run id is saved in checkpoints, so resuming continues the same run."""
 
     integration_name = "wandb"
@@ -68,6 +73,8 @@ class WandbCallback(TrackerCallback, ExportableState):
                 init_args["name"] = args.run_name
             if self.run_id:
                 init_args.update(id=self.run_id, resume="allow")
+            if not os.environ.get("WANDB_CONSOLE"):
+                init_args["settings"] = wandb.Settings(console="wrap_emu")
             self._run, self._owns_run = wandb.init(**init_args), True
         self.run_id = self._run.id
         self._run.config.update(training_params(args, model), allow_val_change=True)
@@ -85,17 +92,17 @@ class WandbCallback(TrackerCallback, ExportableState):
             self.run_id = None  # a new training is a new run; only a resumed one continues the saved id
         self._active(args, state, model)
 
-    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, model=None, **kwargs):
-        if not logs or not self._active(args, state, model):
-            return
-        once = {k: v for k, v in logs.items() if k in RUN_SUMMARY_KEYS}
-        for key, value in rewrite_logs(once).items():
-            self._run.summary[key] = value
-        series = rewrite_logs({k: v for k, v in logs.items() if k not in RUN_SUMMARY_KEYS})
-        if set(series) - {"train/epoch"}:  # the end-of-training summary leaves only the epoch: no history row
-            self._run.log({**series, "train/global_step": state.global_step})
+    def _send_logs(self, events) -> None:
+        for step, logs in events:
+            once = {k: v for k, v in logs.items() if k in RUN_SUMMARY_KEYS}
+            for key, value in rewrite_logs(once).items():
+                self._run.summary[key] = value
+            series = rewrite_logs({k: v for k, v in logs.items() if k not in RUN_SUMMARY_KEYS})
+            if set(series) - {"train/epoch"}:  # the end-of-training summary leaves only the epoch: no history row
+                self._run.log({**series, "train/global_step": step})
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        super().on_save(args, state, control, model=model, **kwargs)
         if self._log_model != "checkpoint" or not self._active(args, state, model):
             return
         checkpoints = list_checkpoints(args.output_dir)
@@ -116,6 +123,7 @@ class WandbCallback(TrackerCallback, ExportableState):
         if not self._initialized or self._run is None:
             self._initialized = False
             return
+        self.send_pending_logs()
         if self._log_model in ("end", "checkpoint") and model is not None and state.is_world_process_zero:
             metadata = self._numeric_summary()
             metadata["global_step"] = state.global_step
@@ -125,7 +133,14 @@ class WandbCallback(TrackerCallback, ExportableState):
                 self._run.log_artifact(artifact, aliases=["final", f"global_step_{state.global_step}"])
         self._finish(exit_code=0)
 
+    def on_train_error(self, args, state, control, error: BaseException | None = None, **kwargs):
+        """Training raised: send what was logged, then finish the run as failed (exit code 1)."""
+        if self._initialized and self._run is not None:
+            self.send_pending_logs()
+            self._finish(exit_code=1)
+
     def on_integration_error(self, event: str, error: BaseException) -> None:
+        super().on_integration_error(event, error)
         self._finish(exit_code=1)
 
     def _numeric_summary(self) -> dict[str, float]:

@@ -244,6 +244,27 @@ def test_importing_trainer_lib_imports_no_tracker():
     assert out == ""
 
 
+def test_callbacks_exports_every_integration_class_lazily():
+    code = (
+        "import sys, callbacks\n"
+        "from callbacks import *\n"
+        "from trainer_lib.registry import available_names, resolve_report_to\n"
+        "names = [n for n in available_names() if n.isidentifier()]\n"
+        "by_name = {n: resolve_report_to(n)[0] if n != 'azure_ml' else None for n in names}\n"
+        "exported = {getattr(callbacks, c) for c in callbacks.__all__}\n"
+        "missing = sorted(n for n, c in by_name.items() if c is not None and c not in exported)\n"
+        "bad = [m for m in ('mlflow','wandb','comet_ml','neptune','clearml','codecarbon','dvclive','dagshub',"
+        "'flytekit','tensorboard') if m in sys.modules]\n"
+        "print(len(callbacks.__all__), missing, bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "11 [] []"
+    with pytest.raises(AttributeError, match="NoSuchCallback"):
+        import callbacks
+
+        callbacks.NoSuchCallback  # noqa: B018
+
+
 def test_on_train_error_reaches_every_callback_and_the_error_propagates(tmp_path):
     seen = []
 

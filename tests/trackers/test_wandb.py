@@ -89,7 +89,11 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_SERVICE_TOKEN", SECRET)
     for name in ("WANDB_DISABLED", "WANDB_PROJECT", "WANDB_LOG_MODEL", "WANDB_WATCH", "WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(name, raising=False)
-    return tmp_path / "WANDB_DIR"
+    yield tmp_path / "WANDB_DIR"
+    import sys
+
+    if "wandb" in sys.modules:  # wandb keeps its settings (WANDB_DIR included) per process: reset them
+        sys.modules["wandb"].teardown()
 
 
 def make_trainer(out, **overrides) -> Trainer:
