@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -85,13 +85,17 @@ class CheckpointPayload:
     """Everything a checkpoint holds, already copied off the live training state."""
 
     step: int
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    weights: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any] | None
     scheduler: dict[str, Any]
     rng: dict[str, Any]
     trainer_state_json: str
     loop_state: dict[str, Any]
     args_json: str
+    #: files already laid out in memory (tensorfile images), by file name: written as they are
+    images: dict[str, Any] = field(default_factory=dict)
+    #: optimizer.json, when the optimizer's tensors come as an image
+    optimizer_meta: str | None = None
 
 
 def _crc32(path: str) -> str:
@@ -145,10 +149,9 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def _save_optimizer_state(state: dict[str, Any], folder: str) -> None:
-    """Tensors in safetensors, the rest (param groups, scalars) in JSON: fast to write, nothing to unpickle."""
-    from safetensors.torch import save_file
-
+def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The optimizer's tensors by key and the JSON of the rest (param groups, scalars); None for an optimizer
+    whose state does not fit that form."""
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     try:
@@ -163,9 +166,20 @@ def _save_optimizer_state(state: dict[str, Any], folder: str) -> None:
                     entry[name] = {"value": _encode(value)}
             entries[str(pid)] = entry
         meta = json.dumps({"param_groups": _encode(state["param_groups"]), "state": entries})
-    except (TypeError, KeyError, AttributeError):  # an unusual optimizer: fall back to a weights_only pickle
+    except (TypeError, KeyError, AttributeError):
+        return None
+    return tensors, meta
+
+
+def _save_optimizer_state(state: dict[str, Any], folder: str) -> None:
+    """Tensors in safetensors, the rest in JSON: fast to write, nothing to unpickle (else a weights_only pickle)."""
+    from safetensors.torch import save_file
+
+    split = split_optimizer_state(state)
+    if split is None:  # an unusual optimizer
         torch.save(state, os.path.join(folder, OPTIMIZER))
         return
+    tensors, meta = split
     save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS))
     _write_text(os.path.join(folder, OPTIMIZER_META), meta)
 
@@ -181,8 +195,15 @@ def write_checkpoint(payload: CheckpointPayload, output_dir: str) -> str:
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
-        save_file(payload.weights, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-        _save_optimizer_state(payload.optimizer, tmp)
+        known = {}
+        for name, image in payload.images.items():
+            known[name] = {"size": image.size, "crc32": image.write(os.path.join(tmp, name))}  # fsynced
+        if payload.weights is not None:
+            save_file(payload.weights, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        if payload.optimizer is not None:
+            _save_optimizer_state(payload.optimizer, tmp)
+        if payload.optimizer_meta is not None:
+            _write_text(os.path.join(tmp, OPTIMIZER_META), payload.optimizer_meta)
         torch.save(payload.scheduler, os.path.join(tmp, SCHEDULER))
         torch.save(payload.rng, os.path.join(tmp, RNG))
         _write_text(os.path.join(tmp, TRAINER_STATE), payload.trainer_state_json)
@@ -190,6 +211,9 @@ def write_checkpoint(payload: CheckpointPayload, output_dir: str) -> str:
         _write_text(os.path.join(tmp, ARGS), payload.args_json)
         files = {}
         for name in sorted(os.listdir(tmp)):
+            if name in known:
+                files[name] = known[name]
+                continue
             path = os.path.join(tmp, name)
             _fsync_file(path)
             files[name] = {"size": os.path.getsize(path), "crc32": _crc32(path)}

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import tensorfile
 from .distributed import barrier, broadcast_object
 from .state import ExportableState, TrainerState
 
@@ -106,16 +107,29 @@ class CheckpointingMixin:
         if self.dist.is_world_zero:
             detach = self._ckpt_writer.asynchronous
             weights, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+            images, optimizer_meta = {}, None
             if detach:
-                # a background write gets its own copy, in buffers reused from the previous checkpoint
+                # A background write gets its own copy, made here into buffers reused from the previous
+                # checkpoint: file images written with direct I/O where the layout allows (trainer_lib.tensorfile).
                 self._ckpt_writer.wait()
-                weights = self._staging.snapshot(weights, ("weights",))
-                optimizer_state = self._staging.snapshot(optimizer_state, ("optimizer",))
+                if tensorfile.supports(weights):
+                    images[ckpt.WEIGHTS] = self._images.stage(ckpt.WEIGHTS, weights, {"format": "pt"})
+                    weights = None
+                else:
+                    weights = self._staging.snapshot(weights, ("weights",))
+                split = ckpt.split_optimizer_state(optimizer_state)
+                if split is not None and tensorfile.supports(split[0]):
+                    images[ckpt.OPTIMIZER_TENSORS] = self._images.stage(ckpt.OPTIMIZER_TENSORS, split[0])
+                    optimizer_state, optimizer_meta = None, split[1]
+                else:
+                    optimizer_state = self._staging.snapshot(optimizer_state, ("optimizer",))
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
             else:
                 weights = self._weights_for_saving()
             payload = ckpt.CheckpointPayload(
+                images=images,
+                optimizer_meta=optimizer_meta,
                 step=step,
                 weights=weights,
                 optimizer=optimizer_state,

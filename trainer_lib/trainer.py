@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from . import tensorfile
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
 from .callback import CallbackHandler
 from .checkpointing import CheckpointingMixin
@@ -108,6 +109,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         self.is_in_train = False
         self._ckpt_writer = ckpt.CheckpointWriter(asynchronous=self.args.async_checkpointing)
         self._staging = ckpt.StagingArea()
+        self._images = tensorfile.ImageStaging()
 
         default_callbacks = [DefaultFlowCallback] + resolve_report_to(self.args.report_to)
         all_callbacks = default_callbacks + list(callbacks or [])
