@@ -281,3 +281,30 @@ def test_on_train_error_reaches_every_callback_and_the_error_propagates(tmp_path
     with pytest.raises(ZeroDivisionError):
         train_digits(tmp_path, max_steps=6, callbacks=[Watcher, Broken], eval_strategy="no")
     assert seen == [("ZeroDivisionError", 3)]
+
+
+class GrowingDataset(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base, self.n = base, 40
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+def test_eval_loader_is_reused_only_while_the_dataset_is_the_same(tmp_path):
+    train, evaluation = digits(64, 64)
+    growing = GrowingDataset(evaluation)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=16, disable_tqdm=True)
+    trainer = Trainer(make_model(), args, eval_dataset=growing, compute_metrics=accuracy)
+    first = trainer.get_eval_dataloader()
+    assert trainer.get_eval_dataloader() is first
+    assert trainer.evaluate()["eval_samples_per_second"] > 0
+    assert len(trainer.get_eval_dataloader(evaluation)) == 4 and trainer.get_eval_dataloader(evaluation) is not first
+    growing.n = 64  # the dataset grew: a new loader that sees every sample
+    assert trainer.get_eval_dataloader() is not first
+    assert sum(len(b["labels"]) for b in trainer.get_eval_dataloader()) == 64
+    trainer.args.per_device_eval_batch_size = 32
+    assert len(trainer.get_eval_dataloader()) == 2

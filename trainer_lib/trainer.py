@@ -21,7 +21,7 @@ from .callback import CallbackHandler
 from .checkpointing import CheckpointingMixin
 from .data import ResumableBatchSampler, default_data_collator
 from .distributed import DistInfo, mean_across_ranks, setup_distributed
-from .evaluation import EvaluationMixin
+from .evaluation import EvaluationMixin, speed_metrics
 from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
 from .optim import create_optimizer, create_scheduler
 from .registry import resolve_report_to
@@ -41,18 +41,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def speed_metrics(split: str, start_time: float, num_samples: int | None = None, num_steps: int | None = None):
-    runtime = time.time() - start_time
-    result = {f"{split}_runtime": round(runtime, 4)}
-    if runtime == 0:
-        return result
-    if num_samples is not None:
-        result[f"{split}_samples_per_second"] = round(num_samples / runtime, 3)
-    if num_steps is not None:
-        result[f"{split}_steps_per_second"] = round(num_steps / runtime, 3)
-    return result
 
 
 def _loss_of(outputs: Any) -> torch.Tensor:
@@ -110,6 +98,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         self._ckpt_writer = ckpt.CheckpointWriter(asynchronous=self.args.async_checkpointing)
         self._staging = ckpt.StagingArea()
         self._images = tensorfile.ImageStaging()
+        self._eval_loaders: dict[tuple, tuple] = {}
 
         default_callbacks = [DefaultFlowCallback] + resolve_report_to(self.args.report_to)
         all_callbacks = default_callbacks + list(callbacks or [])
@@ -175,7 +164,16 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset")
-        return self._sequential_loader(dataset)
+        # The evaluation order is fixed, so the loader of the same dataset (same length, batch size and collator)
+        # is reused from one evaluation to the next; the cache holds the dataset, so its id cannot be recycled.
+        key = (id(dataset), len(dataset), self.args.per_device_eval_batch_size, id(self.data_collator),
+               self.args.dataloader_num_workers)
+        cached = self._eval_loaders.get(key)
+        if cached is None:
+            if len(self._eval_loaders) >= 4:
+                self._eval_loaders.pop(next(iter(self._eval_loaders)))
+            cached = self._eval_loaders[key] = (dataset, self._sequential_loader(dataset))
+        return cached[1]
 
     def get_test_dataloader(self, test_dataset) -> DataLoader:
         return self._sequential_loader(test_dataset)
