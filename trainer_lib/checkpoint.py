@@ -270,6 +270,15 @@ class StagingArea:
         return obj
 
 
+def _yield_to_training() -> None:
+    """Lower this thread's CPU priority (Linux: per thread), so that the writer's work (mostly the CRC) runs in the
+    gaps of training rather than preempting its threads; the training thread waiting for the write lets it run."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: normal priority
+        pass
+
+
 class CheckpointWriter:
     """Writes checkpoints synchronously, or in a background thread with at most one write in flight."""
 
@@ -286,6 +295,7 @@ class CheckpointWriter:
             return
 
         def run() -> None:
+            _yield_to_training()
             try:
                 folder = write_checkpoint(payload, output_dir)
             except BaseException as error:  # surfaced in the training thread by wait()
