@@ -74,11 +74,16 @@ def trainer_run(steps: int, sink, **extra) -> float:
 
 
 def paired(run_a, run_b, repeats: int) -> dict[str, float]:
-    """Alternate two measurements ``repeats`` times; the median of the per-pair ratios b/a is robust to the
-    slow drifts of a shared machine, and the spread shows how noisy the run was."""
+    """Alternate two measurements ``repeats`` times (the order flipping from pair to pair); the median of the
+    per-pair ratios b/a is robust to the slow drifts of a shared machine, and the spread shows how noisy it was."""
     a_values, b_values, ratios = [], [], []
-    for _ in range(repeats):
-        a, b = run_a(), run_b()
+    for i in range(repeats):
+        # counterbalanced: A first in even pairs, B first in odd ones, so a drift within a pair (the second run
+        # inheriting the first one's heap, caches or clock state) favours neither side
+        if i % 2 == 0:
+            a, b = run_a(), run_b()
+        else:
+            b, a = run_b(), run_a()
         a_values.append(a)
         b_values.append(b)
         ratios.append(b / a)

@@ -138,7 +138,7 @@ def import_cost(repeats: int = 7) -> dict[str, float]:
     return {"seconds": statistics.median(times)}
 
 
-def eval_throughput(repeats: int = 7, passes: int = 20) -> dict[str, float]:
+def eval_throughput(repeats: int = 9, passes: int = 100) -> dict[str, float]:
     """Trainer.evaluate against a hand-written torch.inference_mode() loop over the same batches."""
     dataset = digits_dataset()
     model = new_model()

@@ -245,6 +245,10 @@ class CallbackHandler(TrainerCallback):
     def on_prediction_step(self, args, state, control):
         return self.call_event("on_prediction_step", args, state, control)
 
+    def has_listeners(self, event: str) -> bool:
+        """Whether any callback implements ``event`` (callers may skip building its arguments)."""
+        return bool(self._listeners[event])
+
     def call_event(self, event: str, args, state, control, **kwargs: Any):
         listeners = self._listeners[event]
         if not listeners:
