@@ -75,7 +75,7 @@ def _excess(durations: list[float]) -> float:
     return sum(max(0.0, d - median) for d in durations)
 
 
-def checkpoint_stall(steps: int = 200, save_every: int = 50, repeats: int = 3) -> dict[str, float]:
+def checkpoint_stall(steps: int = 200, save_every: int = 50, repeats: int = 5) -> dict[str, float]:
     """Training time lost per checkpoint: the time steps spend above their median in a run with checkpoints,
     minus the same in an adjacent run without (the noise floor); background writer vs synchronous save."""
     n = steps // save_every
