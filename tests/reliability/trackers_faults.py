@@ -364,8 +364,10 @@ def canary_trials(mlflow_uri: str, mlflow_root: str | None = None,
             f.write(CANARY_SCRIPT.format(
                 root=ROOT, trackers="all" if report_to_all else CANARY_TRACKERS,
                 callbacks="[]" if report_to_all else '[NeptuneCallback(log_checkpoints="same")]'))
+        # TRAINS_* too: ClearML sets TRAINS_PROC_MASTER_ID besides CLEARML_PROC_MASTER_ID in a process that used it
+        # (an earlier test), and a child inheriting it takes itself for that task's subprocess
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_", "COMET_", "NEPTUNE_",
-                                                                         "CLEARML_", "DAGSHUB_", "HF_"))}
+                                                                         "CLEARML_", "TRAINS_", "DAGSHUB_", "HF_"))}
         env.update({name: canary for name in CANARY_ENV})
         env.update(
             PYTHONPATH=ROOT, HOME=dirs["home"], TMPDIR=dirs["tmp"], OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
