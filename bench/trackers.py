@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 import time
+from unittest import mock
 
 from trainer_lib import Trainer, TrainerCallback, TrainingArguments
 
@@ -47,18 +48,9 @@ def compare(steps: int = 2000, repeats: int = 7) -> dict[str, float]:
             "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "WANDB_MODE": "offline", "WANDB_DIR": work,
             "WANDB_SILENT": "true", "CODECARBON_COUNTRY": "USA",
         }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            with open(os.devnull, "w") as sink:
-                _run(100, TRACKERS, work, sink)  # warm-up: imports and first-use costs of every tracker
-                _run(100, [], work, sink)
-                r = paired(lambda: _run(steps, [], work, sink), lambda: _run(steps, TRACKERS, work, sink), repeats)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        with mock.patch.dict(os.environ, env), open(os.devnull, "w") as sink:
+            _run(100, TRACKERS, work, sink)  # warm-up: imports and first-use costs of every tracker
+            _run(100, [], work, sink)
+            r = paired(lambda: _run(steps, [], work, sink), lambda: _run(steps, TRACKERS, work, sink), repeats)
     return {"plain_steps_per_s": r["a"], "tracked_steps_per_s": r["b"], "ratio": r["ratio"],
             "ratio_min": r["ratio_min"], "ratio_max": r["ratio_max"]}

@@ -233,11 +233,14 @@ def test_report_to_unknown_name_lists_the_valid_ones(tmp_path):
         Trainer(make_model(), TrainingArguments(output_dir=str(tmp_path), report_to="mlfow"))
 
 
+TRACKER_MODULES = ("mlflow", "wandb", "comet_ml", "neptune", "clearml", "codecarbon", "dvclive", "dagshub", "flytekit",
+                   "tensorboard", "azureml")
+
+
 def test_importing_trainer_lib_imports_no_tracker():
     code = (
         "import sys, trainer_lib, callbacks, callbacks._common\n"
-        "bad = [m for m in ('mlflow','wandb','comet_ml','neptune','clearml','codecarbon','dvclive','dagshub',"
-        "'flytekit','tensorboard','azureml') if m in sys.modules]\n"
+        f"bad = [m for m in {TRACKER_MODULES!r} if m in sys.modules]\n"
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -253,8 +256,7 @@ def test_callbacks_exports_every_integration_class_lazily():
         "by_name = {n: resolve_report_to(n)[0] if n != 'azure_ml' else None for n in names}\n"
         "exported = {getattr(callbacks, c) for c in callbacks.__all__}\n"
         "missing = sorted(n for n, c in by_name.items() if c is not None and c not in exported)\n"
-        "bad = [m for m in ('mlflow','wandb','comet_ml','neptune','clearml','codecarbon','dvclive','dagshub',"
-        "'flytekit','tensorboard') if m in sys.modules]\n"
+        f"bad = [m for m in {TRACKER_MODULES!r} if m in sys.modules]\n"
         "print(len(callbacks.__all__), missing, bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

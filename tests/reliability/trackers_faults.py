@@ -22,6 +22,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 from trainer_lib import TrainerCallback
 from trainer_lib.callback import EVENTS, IntegrationCallback
@@ -34,21 +35,11 @@ CASE_BOUND_S = 60.0  # a failing tracker may hold a tiny training up by seconds,
 
 @contextlib.contextmanager
 def _environ(**values: str | None) -> Iterator[None]:
-    """Set (``None``: remove) environment variables for the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    """Set (``None``: remove) environment variables for the block; patch.dict restores them after."""
+    with mock.patch.dict(os.environ, {k: v for k, v in values.items() if v is not None}):
+        for key in [k for k, v in values.items() if v is None]:
+            os.environ.pop(key, None)
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _Records(logging.Handler):
