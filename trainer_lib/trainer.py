@@ -26,6 +26,7 @@ from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
 from .optim import create_optimizer, create_scheduler
 from .registry import resolve_report_to
 from .state import ExportableState, TrainerControl, TrainerState
+from .writer import CheckpointWriter, StagingArea
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         )
         self.control = TrainerControl()
         self.is_in_train = False
-        self._ckpt_writer = ckpt.CheckpointWriter(asynchronous=self.args.async_checkpointing)
-        self._staging = ckpt.StagingArea()
+        self._ckpt_writer = CheckpointWriter(asynchronous=self.args.async_checkpointing)
+        self._staging = StagingArea()
         self._images = tensorfile.ImageStaging()
         self._eval_loaders: dict[tuple, tuple] = {}
 
