@@ -137,6 +137,13 @@ def send_interval(tracker: str, default: float = 2.0) -> float:
     return env_seconds(f"FLYTRAIN_{tracker.upper()}_SEND_INTERVAL", shared)
 
 
+def send_due(last_send: float | None, interval: float) -> bool:
+    """Whether a send interval has passed since ``last_send`` (a ``time.monotonic()`` reading, None before the first
+    send). The monotonic clock's origin is arbitrary (boot time on Linux), so "never sent" is its own state rather
+    than a reading of 0, which on a machine up for less than ``interval`` would hold the first event back."""
+    return last_send is None or time.monotonic() - last_send >= interval
+
+
 class BatchedLogCallback(TrackerCallback):
     """A tracker whose log events are coalesced and handed over at most once per send interval.
 
@@ -152,7 +159,7 @@ class BatchedLogCallback(TrackerCallback):
     def __init__(self) -> None:
         super().__init__()
         self._events: list[tuple[int, dict[str, Any]]] = []
-        self._last_send = 0.0
+        self._last_send: float | None = None  # None: nothing sent yet, so the first event goes out at once
         self._send_interval = send_interval(self.integration_name)
 
     def _active(self, args, state, model) -> bool:
@@ -172,8 +179,7 @@ class BatchedLogCallback(TrackerCallback):
         if not logs or not self._active(args, state, model):
             return
         self._events.append((state.global_step, dict(logs)))
-        if (control.should_save or control.should_training_stop
-                or time.monotonic() - self._last_send >= self._send_interval):
+        if control.should_save or control.should_training_stop or send_due(self._last_send, self._send_interval):
             self.send_pending_logs()
 
     def on_save(self, args, state, control, model=None, **kwargs):

@@ -28,6 +28,7 @@ from ._common import (
     flatten_dict,
     numeric_items,
     redact,
+    send_due,
     send_interval,
     training_params,
 )
@@ -131,7 +132,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self._async_supported = self._async = False
         self._pending: list[concurrent.futures.Future] = []
         self._buffer: list = []
-        self._last_send = 0.0
+        self._last_send: float | None = None
         self._send_interval = send_interval("mlflow")
         self._logged_upto: dict[str, int] = {}
         self._existing_params: dict[str, str] = {}
@@ -400,8 +401,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         # about the same for 1 or 1,000 metrics.
         # Before a checkpoint (should_save) everything goes out, so a resumed run never misses a step.
         self._buffer.extend(metrics)
-        now = time.monotonic()
-        if (control.should_save or control.should_training_stop or now - self._last_send >= self._send_interval
+        if (control.should_save or control.should_training_stop or send_due(self._last_send, self._send_interval)
                 or len(self._buffer) >= self._metrics_per_batch):
             self._send_buffer()
 

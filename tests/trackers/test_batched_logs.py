@@ -69,6 +69,29 @@ def test_events_wait_for_the_interval_but_a_checkpoint_sends_them_all(tmp_path, 
     assert final == [5, 10, 15, 20]
 
 
+@pytest.mark.parametrize("clock_origin", [0.0, 3.5, 1e9])
+def test_the_first_event_goes_out_at_once_whatever_the_clock_origin(tmp_path, monkeypatch, clock_origin):
+    """time.monotonic() counts from boot on Linux: on a machine up for seconds it is far below the interval."""
+    import callbacks._common as common
+
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock_origin)  # a clock that stands still near boot
+    monkeypatch.setenv("FLYTRAIN_TRACKER_SEND_INTERVAL", "3600")
+    probe = Probe()
+    make_trainer(tmp_path / "out", [probe], save_strategy="no").train()
+    assert probe.seen["log@5"] == ([5], [5])
+    assert probe.seen["log@15"] == ([5], [5])  # the clock never advanced: the rest waits for the end
+    assert dvclive_steps(tmp_path / "out" / "dvclive") == [5, 10, 15, 20]
+
+
+def test_send_due_treats_never_sent_as_due(monkeypatch):
+    import callbacks._common as common
+
+    monkeypatch.setattr(common.time, "monotonic", lambda: 1.0)
+    assert common.send_due(None, 3600.0)
+    assert not common.send_due(0.0, 3600.0)  # the old rule: last send at 0 on a clock that reads 1 s after boot
+    assert common.send_due(0.0, 0.5)
+
+
 def test_interval_zero_sends_every_event(tmp_path, monkeypatch):
     monkeypatch.setenv("FLYTRAIN_TRACKER_SEND_INTERVAL", "3600")
     monkeypatch.setenv("FLYTRAIN_TENSORBOARD_SEND_INTERVAL", "0")  # the per-tracker variable wins

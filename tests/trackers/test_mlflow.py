@@ -330,3 +330,25 @@ def test_server_killed_mid_run_training_completes(mlflow_server_factory, tmp_pat
     client = client_for(server.db_uri)  # the server is gone: read its database directly
     (run,) = runs_of(client, "killed")
     assert steps(client, run.info.run_id, "loss") == [5]
+
+
+def test_the_first_metrics_go_out_at_once_on_a_freshly_booted_clock(tmp_path, monkeypatch, experiment):
+    """time.monotonic() reads seconds after boot on a new machine: the first batch must not wait for the interval."""
+    import callbacks._common as common
+
+    monkeypatch.setattr(common.time, "monotonic", lambda: 1.0)
+    monkeypatch.setenv("FLYTRAIN_TRACKER_SEND_INTERVAL", "3600")
+    held: dict[int, int] = {}
+
+    class Held(TrainerCallback):
+        def on_log(self, args, state, control, **kwargs):
+            cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MLflowCallback))
+            held[state.global_step] = len(cb._buffer)
+
+    trainer = make_trainer(tmp_path / "out", callbacks=[Held()], save_strategy="no", eval_strategy="no")
+    trainer.train()
+    assert held[5] == 0  # sent at once
+    assert held[10] > 0  # the next waits: the clock stands still
+    client = client_for(os.environ["MLFLOW_TRACKING_URI"])
+    (run,) = runs_of(client, experiment)
+    assert steps(client, run.info.run_id, "loss") == [5, 10, 15, 20]
