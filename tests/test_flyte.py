@@ -311,27 +311,6 @@ def test_every_workflow_serialises_for_a_cluster(tmp_path):
         == {"prepare_data", "train_model_distributed", "evaluate_model"}
 
 
-def test_image_spec_follows_pyproject_and_config_targets_the_demo_cluster():
-    import tomllib
-    from flytekit.configuration import Config
-
-    from workflows.training import IMAGE
-
-    platform = Config.auto(os.path.join(REPO, "flyte.config")).platform
-    assert (platform.endpoint, platform.insecure) == ("localhost:30080", True)
-
-    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-        project = tomllib.load(f)["project"]
-    packages = set(IMAGE.packages)
-    assert "torch==2.13.0" in packages
-    for requirement in project["dependencies"] + project["optional-dependencies"]["tensorboard"]:
-        if not requirement.startswith("torch"):
-            assert requirement in packages, requirement
-    assert {"flytekit>=1.12", "flytekitplugins-kfpytorch>=1.12"} <= packages
-    for path in IMAGE.copy:  # flytrain itself is installed in the image (its entry points name the trackers)
-        assert os.path.exists(os.path.join(REPO, path)), path
-
-
 # -- the distributed variant -----------------------------------------------------------------------------------------
 def test_elastic_task_runs_two_processes_locally(tmp_path):
     config = json.loads(json.dumps(SMALL))

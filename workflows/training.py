@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import flytekit
-from flytekit import ImageSpec, Resources, task, workflow
+from flytekit import Resources, task, workflow
 from flytekit.deck import DeckField
 from flytekit.exceptions.system import FlyteSystemException
 from flytekit.exceptions.user import FlyteRecoverableException
@@ -27,36 +27,12 @@ from flytekitplugins.kfpytorch import Elastic
 from callbacks.flyte import NotInFlyteTask, current_flyte_checkpoint, restore_from_flyte, save_to_flyte
 from workflows import pipeline
 from workflows.config import ConfigError, DataConfig, PipelineConfig
+from workflows.image import build_image
 
 logger = logging.getLogger(__name__)
 
-#: the task image for a cluster, built by pyflyte run --remote / register. Packages follow pyproject.toml (a test
-#: keeps them in step); torch comes from the CPU wheel index (keep torch==2.13.0 pinned: an unpinned torch pulls the
-#: multi-GB CUDA build; for GPUs drop the extra index). The demo cluster's registry is localhost:30000; set
-#: FLYTRAIN_REGISTRY for another one.
-IMAGE = ImageSpec(
-    name="flytrain",
-    python_version="3.11",
-    packages=[
-        "torch==2.13.0",
-        "numpy>=1.24",
-        "safetensors>=0.4",
-        "scikit-learn>=1.3",
-        "pyyaml>=6",
-        "tqdm>=4.60",
-        "pandas>=1.5",
-        "pyarrow>=12",
-        "tensorboard>=2.12",
-        "flytekit>=1.12",
-        "flytekitplugins-kfpytorch>=1.12",
-    ],
-    pip_extra_index_url=["https://download.pytorch.org/whl/cpu"],
-    # flytrain itself, installed: report_to names resolve through its entry points (fast registration ships the
-    # code but no package metadata). Paths are relative to the repository root, where pyflyte is run.
-    copy=["pyproject.toml", "README.md", "trainer_lib", "callbacks", "workflows"],
-    commands=["uv pip install --no-deps /root"],
-    registry=os.environ.get("FLYTRAIN_REGISTRY", "localhost:30000"),
-)
+#: the task image for a cluster (workflows/image.py: constraints.txt's pins, flytrain installed)
+IMAGE = build_image()
 
 #: the deck fields shown besides our Log History deck (Dependencies would add a pip freeze to every deck)
 DECK_FIELDS = (DeckField.TIMELINE, DeckField.INPUT, DeckField.OUTPUT)
