@@ -87,9 +87,13 @@ def test_params_yaml_is_the_whole_default_config():
     """The DVC job is the default job: same schema and values as the Flyte workflow's default input."""
     from workflows.config import PipelineConfig
 
+    from workflows.config import SearchConfig
+
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert raw.pop("search") == SearchConfig().to_dict()  # the search space: read by the tuning entry points only
     assert raw == PipelineConfig().to_dict()
     assert PipelineConfig.load(str(ROOT / "params.yaml")) == PipelineConfig()
+    assert SearchConfig.load(str(ROOT / "params.yaml")) == SearchConfig()
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,19 @@ from .checkpoint import CheckpointError
 from .data import default_data_collator
 from .evaluation import EvalPrediction, PredictionOutput
 from .flow import DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback
+from .hpsearch import BestRun, HPSearchBackend, default_compute_objective
 from .registry import register_integration, resolve_report_to
 from .state import ExportableState, TrainerControl, TrainerState
 from .trainer import Trainer, TrainOutput, set_seed
 
 __all__ = [
+    "BestRun",
     "CallbackHandler",
     "CheckpointError",
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
+    "HPSearchBackend",
     "ExportableState",
     "IntegrationCallback",
     "IntervalStrategy",
@@ -30,6 +33,7 @@ __all__ = [
     "TrainerState",
     "TrainingArguments",
     "TrainOutput",
+    "default_compute_objective",
     "default_data_collator",
     "register_integration",
     "resolve_report_to",

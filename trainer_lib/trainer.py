@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from . import tensorfile
+from . import hpsearch, tensorfile
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
 from .callback import CallbackHandler
 from .checkpointing import CheckpointingMixin
@@ -74,14 +74,21 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         callbacks: list | None = None,
         optimizers: tuple = (None, None),
         processing_class=None,
+        model_init=None,
     ):
-        if model is None:
-            raise ValueError("Trainer needs a model (a torch.nn.Module)")
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"Trainer's model must be a torch.nn.Module, got {type(model).__name__}")
         self.args = args if args is not None else TrainingArguments()
+        self.model_init = model_init
+        self._init_hp_search()
+        if model is None and model_init is None:
+            raise ValueError("Trainer needs a model (a torch.nn.Module) or a model_init function")
+        if model is not None and model_init is not None:
+            logger.warning("Trainer got both a model and model_init: model_init replaces the model when training")
         self.dist: DistInfo = setup_distributed()
         set_seed(self.args.seed)
+        if model is None:
+            model = self.call_model_init()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Trainer's model must be a torch.nn.Module, got {type(model).__name__}")
         self.device = self._pick_device()
         self.model = model.to(self.device)
         self._wrapped_model: torch.nn.Module | None = None
@@ -224,10 +231,17 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     # -- resume ----------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
-        """Train; ``resume_from_checkpoint`` is a checkpoint folder, or True for the newest valid one."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs) -> TrainOutput:
+        """Train; ``resume_from_checkpoint`` is a checkpoint folder, or True for the newest valid one.
+
+        ``trial`` (a hyperparameter-search trial or a dict of values) applies its values first; with ``model_init``
+        every call starts from a fresh model, seeded like the first.
+        """
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        hpsearch.setup_trial(self, trial)
+        if self.model_init is not None:
+            self._reinit_model(trial)
         args = self.args
         if args.eval_strategy != IntervalStrategy.NO and self.eval_dataset is None:
             raise ValueError(
@@ -261,7 +275,6 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
                 cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)
             ]
         )
-        self.state.is_hyper_param_search = False
         self.state.train_batch_size = args.per_device_train_batch_size
         self.state.compute_steps(args, max_steps)
 
@@ -290,6 +303,9 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         self.state.is_local_process_zero = self.dist.is_local_zero
         self.state.is_world_process_zero = self.dist.is_world_zero
         self.state.compute_steps(args, max_steps)
+        self.state.is_hyper_param_search = trial is not None
+        self.state.trial_name = hpsearch.trial_name(self, trial) if trial is not None else None
+        self.state.trial_params = hpsearch.hp_params(trial) if trial is not None else None
 
         try:
             self.is_in_train = True
@@ -403,6 +419,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
             self.log(logs)
         if self.control.should_evaluate:
             metrics = self.evaluate()
+            hpsearch.report(self, metrics)
             new_best = self._determine_best_metric(metrics)
             if self.args.save_strategy == SaveStrategy.BEST:
                 self.control.should_save = new_best
@@ -435,3 +452,44 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         output = {**logs, "step": self.state.global_step}
         self.state.log_history.append(output)
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    # -- hyperparameter search -------------------------------------------------------------------------------
+    def _init_hp_search(self) -> None:
+        self.hp_search_backend = self.hp_space = self.hp_name = self.objective = self._trial = None
+        self._hp_base_args: TrainingArguments | None = None
+        self.compute_objective = hpsearch.default_compute_objective
+
+    def call_model_init(self, trial=None) -> torch.nn.Module:
+        """``model_init()`` or ``model_init(trial)``, whichever it takes; it must return a torch.nn.Module."""
+        import inspect
+
+        takes_trial = len(inspect.signature(self.model_init).parameters) >= 1
+        model = self.model_init(trial) if takes_trial else self.model_init()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model_init must return a torch.nn.Module, got {type(model).__name__}")
+        return model
+
+    def _reinit_model(self, trial) -> None:
+        set_seed(self.args.seed)  # every trial (and every train() call) starts from the same seeded state
+        self.model = self.call_model_init(trial).to(self.device)
+        self._wrapped_model = None
+        self.optimizer, self.lr_scheduler = None, None
+        self.callback_handler.model = self.model
+
+    def hyperparameter_search(
+        self,
+        hp_space=None,
+        compute_objective=None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name=None,
+        **kwargs,
+    ) -> hpsearch.BestRun | list[hpsearch.BestRun]:
+        """Search hyperparameters with Optuna (the reference's API): ``hp_space(trial)`` returns the trial's values,
+        ``model_init`` builds each trial's model, ``compute_objective(metrics)`` scores an evaluation (default: the
+        loss, or the sum of the other metrics); ``kwargs`` go to ``optuna.create_study`` (sampler, pruner, storage,
+        ...) besides ``timeout`` and ``gc_after_trial``. Returns the best run (a list for several directions)."""
+        return hpsearch.hyperparameter_search(
+            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
+        )

@@ -86,6 +86,10 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> PipelineConfig:
+        if isinstance(data, dict) and "search" in data:
+            # params.yaml's search section (SearchConfig): checked here too, so every stage rejects a bad one
+            data = dict(data)
+            SearchConfig.from_dict(data.pop("search"))
         return _build(cls, data or {}, "")
 
     @classmethod
@@ -209,3 +213,179 @@ def _validate(instance: Any, prefix: str) -> None:
             bad("metric_for_best_model", f"a metric the pipeline's evaluation produces ({sorted(m for m in PIPELINE_METRICS if m)})")
         if instance.early_stopping_patience > 0 and instance.eval_strategy == "no":
             bad("early_stopping_patience", "0 when eval_strategy is 'no' (early stopping needs evaluations)")
+
+
+# -- the search space (params.yaml's `search:` section) ----------------------------------------------------------
+#: the sections a search may change: data changes would change the splits that trials are compared on
+SEARCHABLE_SECTIONS = ("model", "training")
+SAMPLERS = ("tpe", "random", "grid")
+DIRECTIONS = ("maximize", "minimize")
+#: validation metrics a trial reports; the test split stays untouched until the best trial is evaluated
+SEARCH_METRICS = ("eval_accuracy", "eval_loss")
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+@dataclass
+class ParamRange:
+    """One searched parameter: a ``float``/``int`` range (``log`` scale, ``step``) or ``categorical`` choices."""
+
+    type: str = "float"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+
+@dataclass
+class SearchConfig:
+    """A hyperparameter search over params.yaml keys (``training.learning_rate``), shared by Python, Flyte and DVC."""
+
+    #: params.yaml key -> range; the keys are the ones `dvc exp run -S` takes
+    params: dict[str, ParamRange] = field(
+        default_factory=lambda: {
+            "training.learning_rate": ParamRange("float", low=3e-4, high=1e-2, log=True),
+            "model.dropout": ParamRange("float", low=0.0, high=0.4),
+            "training.per_device_train_batch_size": ParamRange("categorical", choices=[16, 32, 64]),
+        }
+    )
+    #: the objective: this validation metric of each trial's last evaluation
+    metric: str = "eval_accuracy"
+    direction: str = "maximize"
+    n_trials: int = 8
+    #: trials per round (run side by side on a cluster; one after another locally)
+    parallelism: int = 4
+    sampler: str = "tpe"
+    seed: int = 0
+    #: the study fails when fewer trials than this fraction of a round succeed
+    min_success_ratio: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SearchConfig:
+        """Strict: an unknown key, a wrong type or a bad range is an error naming ``search.<key>``."""
+        data = dict(data or {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"search: expected a mapping, got {data!r}")
+        params = data.pop("params", None)
+        instance = _build(cls, data, "search.")
+        if params is not None:
+            if not isinstance(params, dict) or not params:
+                raise ConfigError(f"search.params: expected a non-empty mapping of params.yaml keys, got {params!r}")
+            instance.params = {
+                str(key): _build(ParamRange, spec if isinstance(spec, dict) else spec, f"search.params.{key}.")
+                for key, spec in params.items()
+            }
+        _validate_search(instance)
+        return instance
+
+    @classmethod
+    def load(cls, path: str) -> SearchConfig:
+        """The ``search`` section of a params.yaml (defaults when it has none)."""
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"config file {path!r} is not valid YAML/JSON: {' '.join(str(error).split())}") from None
+        try:
+            return cls.from_dict(data.get("search") if isinstance(data, dict) else None)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+    @classmethod
+    def parse(cls, text: str) -> SearchConfig:
+        """From a JSON/YAML string or a file (a params.yaml: its ``search`` section)."""
+        if os.path.isfile(text):
+            return cls.load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"search is neither a file nor valid JSON/YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"search must be a mapping or a file path, got {text!r}")
+        return cls.from_dict(data)
+
+    def grid(self) -> dict[str, list[Any]]:
+        """Every value of each parameter (the grid sampler's space): choices, or an int range."""
+        out = {}
+        for key, spec in self.params.items():
+            if spec.type == "categorical":
+                out[key] = list(spec.choices or [])
+            else:
+                step = int(spec.step or 1)
+                out[key] = list(range(int(spec.low), int(spec.high) + 1, step))
+        return out
+
+
+def apply_params(config: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
+    """``config`` with the dotted params.yaml keys set (``{"training.learning_rate": 0.002}``), validated strictly."""
+    data = config.to_dict()
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        if section not in data or not isinstance(data[section], dict) or name not in data[section]:
+            raise ConfigError(f"{key}: not a params.yaml key (expected <section>.<field>, e.g. training.learning_rate)")
+        data[section][name] = value
+    return PipelineConfig.from_dict(data)
+
+
+def _validate_search(search: SearchConfig) -> None:
+    def bad(key: str, expected: str, value: Any) -> None:
+        raise ConfigError(f"search.{key}: expected {expected}, got {value!r}")
+
+    if search.metric not in SEARCH_METRICS:
+        bad("metric", f"one of {list(SEARCH_METRICS)} (a validation metric)", search.metric)
+    if search.direction not in DIRECTIONS:
+        bad("direction", f"one of {list(DIRECTIONS)}", search.direction)
+    if search.sampler not in SAMPLERS:
+        bad("sampler", f"one of {list(SAMPLERS)}", search.sampler)
+    if search.n_trials < 1:
+        bad("n_trials", "an integer >= 1", search.n_trials)
+    if search.parallelism < 1:
+        bad("parallelism", "an integer >= 1", search.parallelism)
+    if not 0 < search.min_success_ratio <= 1:
+        bad("min_success_ratio", "a fraction in (0, 1]", search.min_success_ratio)
+    defaults = PipelineConfig()
+    for key, spec in search.params.items():
+        where = f"params.{key}"
+        section, _, name = key.partition(".")
+        if section not in SEARCHABLE_SECTIONS or name not in getattr(defaults, section).__dict__:
+            bad(where, f"a params.yaml key in {list(SEARCHABLE_SECTIONS)} (e.g. training.learning_rate)", key)
+        if spec.type not in PARAM_TYPES:
+            bad(f"{where}.type", f"one of {list(PARAM_TYPES)}", spec.type)
+        if spec.type == "categorical":
+            if not spec.choices:
+                bad(f"{where}.choices", "a non-empty list", spec.choices)
+            if spec.low is not None or spec.high is not None or spec.log or spec.step is not None:
+                bad(where, "only `choices` for a categorical parameter", dataclasses.asdict(spec))
+            values = list(enumerate(spec.choices))
+        else:
+            if spec.choices is not None:
+                bad(f"{where}.choices", f"no choices for a {spec.type} range (use type: categorical)", spec.choices)
+            if spec.low is None or spec.high is None or not spec.low < spec.high:
+                bad(where, "low < high", (spec.low, spec.high))
+            if spec.type == "int" and not all(float(v).is_integer() for v in (spec.low, spec.high, spec.step or 1)):
+                bad(where, "integer low, high and step for an int parameter", (spec.low, spec.high, spec.step))
+            if spec.log and spec.low <= 0:
+                bad(f"{where}.low", "a positive number with log: true", spec.low)
+            if spec.log and spec.step is not None:
+                bad(f"{where}.step", "no step with log: true", spec.step)
+            if spec.step is not None and spec.step <= 0:
+                bad(f"{where}.step", "a positive number", spec.step)
+            cast = int if spec.type == "int" else float
+            values = [("low", cast(spec.low)), ("high", cast(spec.high))]
+        for label, value in values:  # every bound and choice must be a valid value of its config key
+            try:
+                apply_params(defaults, {key: value})
+            except ConfigError as error:
+                detail = str(error).split(": ", 1)[-1]
+                raise ConfigError(f"search.{where}.{'choices[' + str(label) + ']' if spec.type == 'categorical' else label}: "
+                                  f"{detail}") from None
+    if search.sampler == "grid":
+        for key, spec in search.params.items():
+            if spec.type == "float":
+                bad(f"params.{key}.type", "int or categorical with the grid sampler (a float range has no grid)",
+                    spec.type)
