@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class ModelConfig:
 
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     dropout: float = 0.2
+    #: register the final model under this name in MLflow's Model Registry (MLFLOW_REGISTERED_MODEL_NAME otherwise)
+    registered_name: str | None = None
+    #: the alias the new registry version gets (e.g. models:/<name>@candidate)
+    registered_alias: str = "candidate"
 
 
 @dataclass
@@ -71,6 +76,10 @@ class TrainingConfig:
     bf16: bool = False
     async_checkpointing: bool = False
     report_to: list[str] = field(default_factory=list)
+    #: the tracker run's name; default: the DVC experiment, else the Flyte execution id, else mlp-<config hash>
+    run_name: str | None = None
+    #: a tracker failing during the run stops training (a tracker that cannot start always does, before training)
+    strict_integrations: bool = False
 
 
 @dataclass
@@ -206,6 +215,10 @@ def _validate(instance: Any, prefix: str) -> None:
             bad("hidden_sizes", "a non-empty list of positive integers")
         if not 0 <= instance.dropout < 1:
             bad("dropout", "a number in [0, 1)")
+        if instance.registered_name is not None and not instance.registered_name.strip():
+            bad("registered_name", "a model name or null")
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", instance.registered_alias or ""):
+            bad("registered_alias", "an alias of letters, digits, '_' or '-' (e.g. candidate)")
     elif isinstance(instance, TrainingConfig):
         if instance.early_stopping_patience < 0:
             bad("early_stopping_patience", "an integer >= 0 (0 turns early stopping off)")

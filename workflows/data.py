@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -94,9 +95,30 @@ def write_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list
         "classes": classes,
         "sizes": {k: int(len(v[1])) for k, v in splits.items()},
     }
+    meta["split_hashes"] = split_hashes(tmp)
     with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     _replace_dir(tmp, out_dir)
+
+
+def array_hash(x: np.ndarray, y: np.ndarray) -> str:
+    """``sha256:`` of a split's content: the features as float32 then the labels as int64, both C-order bytes.
+
+    The content, not the .npz file: numpy stamps the archive members with the time they were written.
+    """
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def split_hashes(data_dir: str) -> dict[str, str]:
+    """The content hash of each split in ``data_dir`` (computed once, at prepare, and kept in meta.json)."""
+    hashes = {}
+    for name in SPLITS:
+        with np.load(os.path.join(data_dir, f"{name}.npz"), allow_pickle=False) as data:
+            hashes[name] = array_hash(data["x"], data["y"])
+    return hashes
 
 
 def _replace_dir(tmp: str, final: str) -> None:

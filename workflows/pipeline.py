@@ -21,6 +21,7 @@ from trainer_lib.checkpoint import load_weights
 from trainer_lib.distributed import broadcast_object
 
 from . import data as data_lib
+from . import provenance, registry
 from .config import ConfigError, PipelineConfig
 from .models import build_model
 
@@ -56,10 +57,36 @@ def training_arguments(config: PipelineConfig, output_dir: str, **overrides: Any
         raise ConfigError(str(error).replace("TrainingArguments.", "training.")) from None
 
 
+#: config keys that do not change what is trained (where results are reported, what the run is called)
+_NOT_TRAINING = {"training": ("report_to", "run_name", "strict_integrations"),
+                 "model": ("registered_name", "registered_alias")}
+
+
 def _config_digest(config: PipelineConfig) -> str:
     relevant = {k: v for k, v in config.to_dict().items()}
-    relevant["training"] = {k: v for k, v in relevant["training"].items() if k != "report_to"}
+    for section, keys in _NOT_TRAINING.items():
+        relevant[section] = {k: v for k, v in relevant[section].items() if k not in keys}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def check_trackers(report_to: list[str]) -> list[type]:
+    """The named trackers' classes, or one ConfigError line for one that cannot start (unknown name, package not
+    installed, missing credentials): found before any compute is spent, whatever strict_integrations says."""
+    from trainer_lib.registry import resolve_report_to
+
+    names = [n for n in report_to if n not in ("all", "none")]
+    try:
+        classes = resolve_report_to(names)
+    except (ImportError, ValueError) as error:
+        raise ConfigError(str(error).replace("TrainingArguments.", "training.")) from None
+    for name, cls in zip(dict.fromkeys(names), classes):
+        check = getattr(cls, "check_configuration", None)
+        if callable(check):
+            try:
+                check()
+            except (ValueError, RuntimeError) as error:
+                raise ConfigError(f"training.report_to: {name!r} cannot start: {error}") from None
+    return classes
 
 
 def _checkpoint_to_resume(config: PipelineConfig, checkpoint_dir: str) -> str | None:
@@ -137,7 +164,16 @@ def train(
     ``model_dir`` receives model.safetensors, config.json, meta.json, training_args.json, log_history.json and
     train_metrics.json; it is replaced only when training succeeded.
     """
-    trainer = build_trainer(config, data_dir, checkpoint_dir, callbacks, **overrides)
+    tracker_classes = check_trackers(config.training.report_to)
+    meta = data_lib.read_meta(data_dir)
+    facts = provenance.collect(
+        config, _config_digest(config), meta.get("split_hashes") or data_lib.split_hashes(data_dir),
+        [m for cls in tracker_classes for m in getattr(cls, "required_modules", ())],
+    )
+    overrides.setdefault("run_name", facts["run_name"])
+    recorder = provenance.ProvenanceCallback(facts)
+    trainer = build_trainer(config, data_dir, checkpoint_dir, [*(callbacks or []), recorder], **overrides)
+    recorder.callbacks = trainer.callback_handler.callbacks
     if resume is True:
         # one process decides (and may move checkpoints aside); under torch.distributed the others follow it
         resume_from = _checkpoint_to_resume(config, checkpoint_dir) if trainer.dist.is_world_zero else None
@@ -167,6 +203,11 @@ def train(
         best_global_step=trainer.state.best_global_step,
     )
     _write_json(os.path.join(tmp, "train_metrics.json"), summary)
+    facts.update(ended_at=provenance.now(), global_step=output.global_step,
+                 trackers=provenance.tracker_runs(trainer.callback_handler.callbacks))
+    if recorder.first_started_at:
+        facts["first_started_at"] = recorder.first_started_at
+    provenance.write(facts, tmp)
     data_lib._replace_dir(tmp, model_dir)
     if resume is True:
         _write_marker(config, checkpoint_dir, finished=True)
@@ -213,7 +254,19 @@ def evaluate(config: PipelineConfig, data_dir: str, model_dir: str, out_dir: str
             f.write(f"{classes[actual]},{classes[guess]}\n")
     _write_curves(model_dir, out_dir)
     shutil.rmtree(args.output_dir, ignore_errors=True)
+    _report(config, model_dir, out_dir, metrics, test.x[:5].numpy())
     return metrics
+
+
+def _report(config: PipelineConfig, model_dir: str, out_dir: str, metrics: dict[str, float], example) -> None:
+    """Test metrics and the confusion matrix into the training's MLflow runs, then the MLflow Model (registered when
+    a name is configured): the pipeline's last step, once."""
+    facts = provenance.read(model_dir) or {}
+    if not any(name in registry.MLFLOW_TRACKERS for name in facts.get("trackers") or {}):
+        return
+    strict = config.training.strict_integrations
+    registry.report_test_metrics(model_dir, metrics, [os.path.join(out_dir, "confusion.csv")], strict)
+    registry.log_and_register(config, model_dir, example, strict)
 
 
 def _write_curves(model_dir: str, out_dir: str) -> None:
