@@ -1,9 +1,12 @@
-"""DagsHub integration: MLflow tracking on a DagsHub repository, plus the final model and arguments committed to it.
+"""DagsHub integration: MLflow tracking on a DagsHub repository, plus the final model files committed to it.
 
-Environment: everything MLflowCallback reads, and DAGSHUB_USER_TOKEN (required; never logged), MLFLOW_TRACKING_URI of
-the form ``https://dagshub.com/<owner>/<repo>.mlflow`` or DAGSHUB_REPO_OWNER + DAGSHUB_REPO_NAME, BRANCH (default
-main), DAGSHUB_CLIENT_HOST (the DagsHub client's host), DAGSHUB_HTTP_TIMEOUT (seconds, default 30),
-HF_DAGSHUB_LOG_ARTIFACTS (upload model.safetensors + training_args.json into ``artifacts/`` at train end).
+Environment: everything MLflowCallback reads; credentials (never logged), in this order: MLFLOW_TRACKING_USERNAME +
+MLFLOW_TRACKING_PASSWORD (DagsHub's documented MLflow setup; the password is a DagsHub token and also authorises the
+upload), else DAGSHUB_USER_TOKEN (MLflow then logs in as DAGSHUB_USERNAME, else as the token's user, asked from
+DagsHub as ``dagshub.init`` does). MLFLOW_TRACKING_URI of the form ``https://dagshub.com/<owner>/<repo>.mlflow`` or
+DAGSHUB_REPO_OWNER + DAGSHUB_REPO_NAME, BRANCH (default main), DAGSHUB_CLIENT_HOST (the DagsHub client's host),
+DAGSHUB_HTTP_TIMEOUT (seconds, default 30), HF_DAGSHUB_LOG_ARTIFACTS (at train end, commit the output folder's final
+model files into ``artifacts/``, or ``artifacts/<HF_DAGSHUB_MODEL_NAME>/`` when that is set).
 """
 
 from __future__ import annotations
@@ -66,15 +69,47 @@ def resolve_repo() -> DagsHubRepo:
     return DagsHubRepo(path[0], path[1][: -len(".mlflow")], client_host or _origin(uri), branch)
 
 
+def _mlflow_login() -> tuple[str, str] | None:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "").strip()
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "").strip()
+    return (user, password) if user and password else None
+
+
 def require_token() -> str:
-    """DAGSHUB_USER_TOKEN, or an immediate error: the client must never fall back to an interactive login."""
+    """The DagsHub token: DAGSHUB_USER_TOKEN, else MLFLOW_TRACKING_PASSWORD (with MLFLOW_TRACKING_USERNAME), or an
+    immediate error: the client must never fall back to an interactive login."""
     token = os.environ.get("DAGSHUB_USER_TOKEN", "").strip()
-    if not token:
-        raise RuntimeError(
-            "DagsHub: no access token. Set DAGSHUB_USER_TOKEN (DagsHub > User settings > Tokens); "
-            "flytrain never starts an interactive or browser login."
-        )
-    return token
+    if token:
+        return token
+    login = _mlflow_login()
+    if login:
+        return login[1]
+    raise RuntimeError(
+        "DagsHub: no credentials. Set DAGSHUB_USER_TOKEN (DagsHub > User settings > Tokens), or "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; flytrain never starts an interactive or browser login."
+    )
+
+
+def _token_user(token: str, host: str, seconds: float) -> str:
+    """The user a token belongs to, as DagsHub reports it (what ``dagshub.init`` sets as MLflow's username)."""
+    from dagshub.common.api.user import UserAPI
+
+    user = run_bounded(lambda: UserAPI.get_user_from_token(token, host=host), seconds, "user lookup")
+    return user.username
+
+
+def configure_mlflow_credentials(seconds: float | None = None) -> None:
+    """Let MLflow authenticate to the repository's own host (never another one): an MLflow login already in the
+    environment wins; otherwise the token, as DAGSHUB_USERNAME or the token's user."""
+    repo = resolve_repo()
+    if _origin(os.environ.get("MLFLOW_TRACKING_URI", "")) != repo.host:
+        return
+    if _mlflow_login() or os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return
+    token = require_token()
+    timeout = env_seconds("DAGSHUB_HTTP_TIMEOUT", 30.0) if seconds is None else seconds
+    os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ.get("DAGSHUB_USERNAME") or _token_user(token, repo.host, timeout)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = token
 
 
 def run_bounded(fn, seconds: float, what: str) -> Any:
@@ -104,6 +139,14 @@ class DagsHubCallback(MLflowCallback):
     required_modules = ("dagshub", "mlflow")
     pip_extra = "dagshub"
 
+    @classmethod
+    def check_configuration(cls) -> None:
+        """Before training: the repository and credentials are known (nothing is sent anywhere)."""
+        if env_flag("DISABLE_MLFLOW_INTEGRATION"):
+            return
+        resolve_repo()
+        require_token()
+
     def setup(self, args, state, model, **kwargs) -> None:
         if env_flag("DISABLE_MLFLOW_INTEGRATION"):
             return super().setup(args, state, model, **kwargs)
@@ -111,17 +154,9 @@ class DagsHubCallback(MLflowCallback):
         self._repo = resolve_repo()
         self._http_timeout = env_seconds("DAGSHUB_HTTP_TIMEOUT", 30.0)
         self._log_repo_artifacts = env_flag("HF_DAGSHUB_LOG_ARTIFACTS")
-        self._mlflow_credentials()
+        self._model_name = os.environ.get("HF_DAGSHUB_MODEL_NAME", "").strip()
+        configure_mlflow_credentials(self._http_timeout)
         super().setup(args, state, model, **kwargs)
-
-    def _mlflow_credentials(self) -> None:
-        """Let MLflow authenticate with the token, but only against the repository's own host."""
-        if _origin(os.environ.get("MLFLOW_TRACKING_URI", "")) != self._repo.host:
-            return
-        if any(os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")):
-            return
-        os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ.get("DAGSHUB_USERNAME") or self._repo.owner
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = self._token
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         super().on_train_end(args, state, control, model=model, **kwargs)
@@ -129,17 +164,17 @@ class DagsHubCallback(MLflowCallback):
             self.upload_artifacts(args, model)
 
     def upload_artifacts(self, args, model) -> None:
-        """Commit the final weights, the redacted arguments and the model config into the repo's ``artifacts/``."""
+        """Commit the output folder's final model files (its top-level files: weights, model config, the redacted
+        arguments; not the checkpoint folders) into ``artifacts/`` or ``artifacts/<HF_DAGSHUB_MODEL_NAME>/``."""
         from ._common import save_model_files
 
         out = args.output_dir
         if not os.path.isfile(os.path.join(out, WEIGHTS)):
             save_model_files(model, out)
         args_text = json.dumps(redact(args.to_dict()), indent=2, sort_keys=True, default=str)
-        if not os.path.isfile(os.path.join(out, ARGS)):
-            with open(os.path.join(out, ARGS), "w", encoding="utf-8") as f:
-                f.write(args_text)
-        names = [WEIGHTS] + (["config.json"] if os.path.isfile(os.path.join(out, "config.json")) else [])
+        names = sorted(n for n in os.listdir(out)
+                       if os.path.isfile(os.path.join(out, n)) and not n.startswith(".") and n != ARGS)
+        directory = f"{ARTIFACTS_DIR}/{self._model_name}" if getattr(self, "_model_name", "") else ARTIFACTS_DIR
 
         from dagshub.common import config
         from dagshub.upload import Repo
@@ -156,7 +191,7 @@ class DagsHubCallback(MLflowCallback):
             try:
                 files = list(zip(names, handles)) + [(ARGS, io.BytesIO(args_text.encode("utf-8")))]
                 client.upload_files(
-                    files, directory_path=ARTIFACTS_DIR, commit_message=f"flytrain: model of MLflow run {self._run_id}",
+                    files, directory_path=directory, commit_message=f"flytrain: model of MLflow run {self._run_id}",
                     quiet=True,
                 )
             finally:
@@ -165,4 +200,4 @@ class DagsHubCallback(MLflowCallback):
 
         run_bounded(upload, self._http_timeout * _UPLOAD_REQUESTS, "upload")
         logger.info("DagsHub: committed %s to %s/%s@%s:%s/", names + [ARGS], repo.owner, repo.name, repo.branch,
-                    ARTIFACTS_DIR)
+                    directory)

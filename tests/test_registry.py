@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -188,3 +189,36 @@ def test_pyflyte_run_reports_to_one_run_with_the_flyte_execution_and_registers(t
     assert len(tracking_models(tracking, run)) == 1
     version = tracking["client"].get_model_version_by_alias(name, "staging")
     assert version.run_id == run.info.run_id and version.tags["flytrain.flyte.mode"] == "local"
+
+
+def test_dagshub_pipeline_logs_registers_under_its_model_name_and_uploads_the_final_model(tmp_path, tracking,
+                                                                                          monkeypatch):
+    """report_to: [dagshub] through DagsHub's MLflow (here the real local server) and the real dagshub client
+    uploading to the stub: same run contents as MLflow, registered as HF_DAGSHUB_MODEL_NAME, files committed."""
+    from tests.trackers.test_dagshub import OWNER, REPO, TOKEN, DagsHubStub
+
+    stub = DagsHubStub()
+    name = f"dh-{uuid.uuid4().hex[:6]}"
+    for key, value in dict(DAGSHUB_REPO_OWNER=OWNER, DAGSHUB_REPO_NAME=REPO, DAGSHUB_CLIENT_HOST=stub.url,
+                           DAGSHUB_USER_TOKEN=TOKEN, DAGSHUB_HTTP_TIMEOUT="10", HF_DAGSHUB_LOG_ARTIFACTS="true",
+                           HF_DAGSHUB_MODEL_NAME=name,
+                           DAGSHUB_CLIENT_TOKENS_CACHE=str(tmp_path / "no-token-cache")).items():
+        monkeypatch.setenv(key, value)
+    values = small()
+    values["training"]["report_to"] = ["dagshub"]
+    try:
+        pipeline.run(PipelineConfig.from_dict(values), str(tmp_path))
+    finally:
+        stub.close()
+    (run,) = runs_of(tracking)
+    facts = json.loads((tmp_path / "model" / "provenance.json").read_text())
+    assert facts["trackers"]["dagshub"]["run_id"] == run.info.run_id
+    assert {"test_accuracy", "test_loss"} <= set(run.data.metrics)
+    assert run.data.tags["flytrain.data.split_hashes.test"] == independent_hash(tmp_path / "data", "test")
+    assert len(tracking_models(tracking, run)) == 1
+    assert tracking["client"].get_model_version_by_alias(name, "candidate").run_id == run.info.run_id
+    (put,) = [r for r in stub.requests if r["method"] == "PUT"]
+    assert unquote(put["path"]).endswith(f"/content/main/artifacts/{name}")
+    assert {"model.safetensors", "config.json", "training_args.json"} <= set(put["files"])
+    assert not any(f.startswith("checkpoint-") for f in put["files"])
+    assert TOKEN not in (tmp_path / "model" / "provenance.json").read_text()

@@ -89,9 +89,13 @@ def report_test_metrics(model_dir: str, metrics: dict[str, float], files: list[s
                      "evaluation")
 
 
-def registered_name(config) -> str | None:
-    """``model.registered_name``, else MLFLOW_REGISTERED_MODEL_NAME, else None (nothing is registered)."""
-    return config.model.registered_name or os.environ.get("MLFLOW_REGISTERED_MODEL_NAME", "").strip() or None
+def registered_name(config, tracker: str = "mlflow") -> str | None:
+    """``model.registered_name``, else MLFLOW_REGISTERED_MODEL_NAME, else (on DagsHub) HF_DAGSHUB_MODEL_NAME, else
+    None: nothing is registered."""
+    names = [config.model.registered_name, os.environ.get("MLFLOW_REGISTERED_MODEL_NAME", "").strip()]
+    if tracker == "dagshub":
+        names.append(os.environ.get("HF_DAGSHUB_MODEL_NAME", "").strip())
+    return next((n for n in names if n), None)
 
 
 def log_and_register(config, model_dir: str, example, strict: bool = False) -> list[dict[str, Any]]:
@@ -101,13 +105,14 @@ def log_and_register(config, model_dir: str, example, strict: bool = False) -> l
     results = []
     for name, run in _mlflow_runs(facts):
         _prepare_credentials(name)
-        result = _guarded("logging the model", strict, _log_one, config, model_dir, example, facts, run)
+        result = _guarded("logging the model", strict, _log_one, config, model_dir, example, facts, run, name)
         if result:
             results.append(result)
     return results
 
 
-def _log_one(config, model_dir: str, example, facts: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+def _log_one(config, model_dir: str, example, facts: dict[str, Any], run: dict[str, Any], tracker: str
+             ) -> dict[str, Any]:
     import mlflow
     import mlflow.pyfunc
     from mlflow.models import infer_signature
@@ -129,7 +134,7 @@ def _log_one(config, model_dir: str, example, facts: dict[str, Any], run: dict[s
                 pip_requirements=_requirements(),
             )
         result: dict[str, Any] = {"run_id": run["run_id"], "model_uri": info.model_uri}
-        name = registered_name(config)
+        name = registered_name(config, tracker)
         if name:
             tags = {k: v[:5000] for k, v in provenance.as_tags(facts).items()}
             tags[provenance.TAG_PREFIX + "run_id"] = run["run_id"]

@@ -18,12 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from callbacks._common import REDACTED
-from callbacks.dagshub import DagsHubCallback, resolve_repo
+from callbacks.dagshub import DagsHubCallback, configure_mlflow_credentials, require_token, resolve_repo
 from tests.helpers import accuracy, digits, make_model
 from trainer_lib import Trainer, TrainingArguments
 
 TOKEN = "dh-t0ken-4f8a9c2e71"
 OWNER, REPO = "alice", "digits"
+#: the token's user: a collaborator on alice's repository, not its owner
+TOKEN_USER = "carol"
 
 
 def _repo_json(host: str) -> dict:
@@ -87,6 +89,8 @@ class DagsHubStub:
                     self._reply(200, _repo_json(stub.url))
                 elif self.path.startswith(base + "/branches/"):
                     self._reply(200, _branch_json(self.path.rsplit("/", 1)[1]))
+                elif self.path == "/api/v1/user" and self.headers.get("Authorization") == f"Bearer {TOKEN}":
+                    self._reply(200, {"id": 2, "login": TOKEN_USER, "username": TOKEN_USER, "full_name": TOKEN_USER})
                 else:
                     self._reply(404)
 
@@ -195,7 +199,7 @@ def test_without_token_fails_at_once_and_calls_nobody(dagshub_env, stub, tmp_pat
     monkeypatch.delenv("DAGSHUB_USER_TOKEN")
     trainer = make_trainer(tmp_path / "out", strict_integrations=True)
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="DAGSHUB_USER_TOKEN"):
+    with pytest.raises(RuntimeError, match="DAGSHUB_USER_TOKEN.*MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
         trainer.train()
     assert time.monotonic() - start < 5
     assert stub.requests == []
@@ -236,18 +240,30 @@ def test_repo_from_tracking_uri_or_env(monkeypatch):
     assert (resolve_repo().owner, resolve_repo().name) == ("carol", "other")
 
 
-def test_mlflow_gets_the_token_only_for_the_repos_own_host(monkeypatch):
+def test_mlflow_logs_in_as_the_tokens_user_and_only_on_the_repos_own_host(monkeypatch, stub):
+    """Precedence: an MLflow login in the environment, else the token as DAGSHUB_USERNAME, else as the user DagsHub
+    says the token belongs to (not the repository's owner: wrong for collaborators and organisations)."""
     monkeypatch.setenv("DAGSHUB_USER_TOKEN", TOKEN)
-    callback = DagsHubCallback()
-    callback._token = TOKEN
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://dagshub.example/alice/digits.mlflow")
-    callback._repo = resolve_repo()
-    callback._mlflow_credentials()
-    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and os.environ["MLFLOW_TRACKING_PASSWORD"] == TOKEN
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"{stub.url}/{OWNER}/{REPO}.mlflow")
+    configure_mlflow_credentials(10)
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == TOKEN_USER and os.environ["MLFLOW_TRACKING_PASSWORD"] == TOKEN
 
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name)
+    monkeypatch.setenv("DAGSHUB_USERNAME", "dave")
+    configure_mlflow_credentials(10)
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "dave"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "erin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "erins-token")
+    configure_mlflow_credentials(10)  # the user's own MLflow login wins
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("erin", "erins-token")
+    monkeypatch.delenv("DAGSHUB_USER_TOKEN")
+    assert require_token() == "erins-token"  # and its password is the DagsHub token for the upload too
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DAGSHUB_USER_TOKEN", TOKEN)
     monkeypatch.setenv("DAGSHUB_CLIENT_HOST", "https://elsewhere.example")
-    callback._repo = resolve_repo()
-    callback._mlflow_credentials()
+    configure_mlflow_credentials(10)
     assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
