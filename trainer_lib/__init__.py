@@ -3,11 +3,14 @@
 from .arguments import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
 from .callback import CallbackHandler, IntegrationCallback, TrainerCallback
 from .checkpoint import CheckpointError
+from .checkpointing import Checkpointer
 from .data import default_data_collator
 from .evaluation import EvalPrediction, PredictionOutput
 from .flow import DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback
 from .hpsearch import BestRun, HPSearchBackend, default_compute_objective
+from .nonfinite import NonFiniteLossError
 from .registry import register_integration, resolve_report_to
+from .resume import ResumePoint
 from .state import ExportableState, TrainerControl, TrainerState
 from .trainer import Trainer, TrainOutput, set_seed
 
@@ -15,6 +18,7 @@ __all__ = [
     "BestRun",
     "CallbackHandler",
     "CheckpointError",
+    "Checkpointer",
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
@@ -22,8 +26,10 @@ __all__ = [
     "ExportableState",
     "IntegrationCallback",
     "IntervalStrategy",
+    "NonFiniteLossError",
     "PredictionOutput",
     "PrinterCallback",
+    "ResumePoint",
     "ProgressCallback",
     "SaveStrategy",
     "SchedulerType",

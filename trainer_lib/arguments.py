@@ -47,8 +47,8 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 def _number(name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"TrainingArguments.{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"TrainingArguments.{name} must be a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"TrainingArguments.{name} must be >= {minimum}, got {value!r}")
     if maximum is not None and value > maximum:
@@ -109,6 +109,8 @@ class TrainingArguments:
     strict_integrations: bool = False
     torch_compile: bool = False
     async_checkpointing: bool = False
+    #: a non-finite loss or gradient norm stops training (NonFiniteLossError); True skips such steps instead
+    skip_nonfinite_steps: bool = False
     use_cpu: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -232,6 +234,8 @@ class TrainingArguments:
             self.logging_dir = os.path.join(self.output_dir, "runs", f"{stamp}_{socket.gethostname()}")
         if self.run_name is None:
             self.run_name = self.output_dir
+        if not isinstance(self.skip_nonfinite_steps, bool):
+            raise ValueError(f"TrainingArguments.skip_nonfinite_steps must be a bool, got {self.skip_nonfinite_steps!r}")
         if self.bf16 and not isinstance(self.bf16, bool):
             raise ValueError(f"TrainingArguments.bf16 must be a bool, got {self.bf16!r}")
 

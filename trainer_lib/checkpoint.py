@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
+import socket
 import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -40,43 +39,8 @@ _CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, partial or damaged; the message names the file."""
-
-
-# -- RNG -------------------------------------------------------------------------------------------------------
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) RNG states as tensors and plain values (weights_only-safe)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-        "numpy": {
-            "name": np_name,
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
-        "cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npst = state["numpy"]
-    np.random.set_state(
-        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
-    )
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except Exception as error:  # a different GPU count: resume still works, only CUDA RNG differs
-            logger.warning("could not restore CUDA RNG states: %s", error)
+    """A checkpoint folder that is missing, partial, damaged or does not fit this run; the message names the file
+    and the field."""
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -96,6 +60,42 @@ class CheckpointPayload:
     images: dict[str, Any] = field(default_factory=dict)
     #: optimizer.json, when the optimizer's tensors come as an image
     optimizer_meta: str | None = None
+
+
+# -- shared (tied) tensors -----------------------------------------------------------------------------------
+ALIASES_KEY = "flytrain_aliases"  # safetensors metadata: {"alias": "stored name"} for tied tensors
+
+
+def split_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to store once each, and the names that alias one of them (a tied ``lm_head.weight``).
+
+    safetensors refuses tensors that share memory; a tie is stored once and re-tied on load. Views that overlap
+    without being the same view (rare) are stored as separate copies.
+    """
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.stride(), tensor.dtype, tensor.device)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        storage = key[0]
+        if storage in storages and tensor.numel():
+            tensor = tensor.clone()  # another view of memory stored already
+        storages.add(storage)
+        seen[key] = name
+        unique[name] = tensor
+    return unique, aliases
+
+
+def aliases_metadata(aliases: dict[str, str]) -> dict[str, str]:
+    metadata = {"format": "pt"}
+    if aliases:
+        metadata[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    return metadata
 
 
 def _crc32(path: str) -> str:
@@ -139,16 +139,6 @@ def _encode(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"__tuple__"}:
-            return tuple(_decode(v) for v in value["__tuple__"])
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
 def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str] | None:
     """The optimizer's tensors by key and the JSON of the rest (param groups, scalars); None for an optimizer
     whose state does not fit that form."""
@@ -190,7 +180,7 @@ def write_checkpoint(payload: CheckpointPayload, output_dir: str) -> str:
 
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, f"{PREFIX}-{payload.step}")
-    tmp = os.path.join(output_dir, f".tmp-{PREFIX}-{payload.step}-{os.getpid()}-{threading.get_ident()}")
+    tmp = os.path.join(output_dir, _temporary_name(str(payload.step)))
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
@@ -199,7 +189,8 @@ def write_checkpoint(payload: CheckpointPayload, output_dir: str) -> str:
         for name, image in payload.images.items():
             known[name] = {"size": image.size, "crc32": image.write(os.path.join(tmp, name))}  # fsynced
         if payload.weights is not None:
-            save_file(payload.weights, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+            weights, aliases = split_shared(payload.weights)
+            save_file(weights, os.path.join(tmp, WEIGHTS), metadata=aliases_metadata(aliases))
         if payload.optimizer is not None:
             _save_optimizer_state(payload.optimizer, tmp)
         if payload.optimizer_meta is not None:
@@ -236,13 +227,47 @@ def write_checkpoint(payload: CheckpointPayload, output_dir: str) -> str:
     return final
 
 
-def clean_stale_temporaries(output_dir: str) -> None:
-    """Remove temporary folders left by a crash in the middle of a checkpoint write."""
+_TEMPORARY = f".tmp-{PREFIX}-"
+
+
+def _temporary_name(what: str) -> str:
+    """A temporary folder's name says who fills it (host, process, thread), so a cleanup can tell whether that
+    writer is provably gone: ``.tmp-checkpoint-<what>@<host>@<pid>@<thread>``."""
+    host = socket.gethostname().replace("@", "_") or "unknown"
+    return f"{_TEMPORARY}{what}@{host}@{os.getpid()}@{threading.get_ident()}"
+
+
+def _writer_is_gone(name: str) -> bool:
+    """True only when the writer of temporary folder ``name`` provably no longer runs: a dead process on this
+    host, or a finished thread of this process. Another host's or an unknown writer is left alone."""
+    parts = name[len(_TEMPORARY):].rsplit("@", 3)
+    if len(parts) != 4 or not parts[2].isdigit() or not parts[3].isdigit():
+        return False
+    _, host, pid, thread = parts[0], parts[1], int(parts[2]), int(parts[3])
+    if host != (socket.gethostname().replace("@", "_") or "unknown"):
+        return False
+    if pid == os.getpid():
+        return not any(t.ident == thread and t.is_alive() for t in threading.enumerate())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def clean_stale_temporaries(output_dir: str) -> list[str]:
+    """Remove temporary folders left by writers that crashed in the middle of a checkpoint write (or a deletion);
+    never one that a live writer (this process's background thread, another process) is still filling."""
     if not os.path.isdir(output_dir):
-        return
+        return []
+    removed = []
     for name in os.listdir(output_dir):
-        if name.startswith(f".tmp-{PREFIX}-"):
+        if name.startswith(_TEMPORARY) and _writer_is_gone(name):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 # -- finding, validating, loading ------------------------------------------------------------------------------
@@ -305,57 +330,24 @@ def latest_valid_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def _torch_load(path: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"cannot load {path!r} safely (weights_only): {error}") from None
-
-
 def load_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    file = os.path.join(path, WEIGHTS) if os.path.isdir(path) else path
     try:
-        return load_file(os.path.join(path, WEIGHTS) if os.path.isdir(path) else path)
+        weights = load_file(file)
+        with safe_open(file, framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
     except Exception as error:
         raise CheckpointError(f"cannot read weights {path!r}: {error}") from None
-
-
-def load_optimizer_state(path: str) -> dict[str, Any] | None:
-    meta_file = os.path.join(path, OPTIMIZER_META)
-    if os.path.isfile(meta_file):
-        from safetensors.torch import load_file
-
-        try:
-            with open(meta_file, encoding="utf-8") as f:
-                meta = json.load(f)
-            tensors = load_file(os.path.join(path, OPTIMIZER_TENSORS))
-            state = {}
-            for pid, entry in meta["state"].items():
-                state[int(pid)] = {
-                    name: tensors[item["tensor"]] if "tensor" in item else _decode(item["value"])
-                    for name, item in entry.items()
-                }
-            return {"state": state, "param_groups": _decode(meta["param_groups"])}
-        except Exception as error:
-            raise CheckpointError(f"checkpoint {path!r}: cannot read the optimizer state ({error})") from None
-    file = os.path.join(path, OPTIMIZER)
-    return _torch_load(file) if os.path.isfile(file) else None
-
-
-def load_scheduler_state(path: str) -> dict[str, Any] | None:
-    file = os.path.join(path, SCHEDULER)
-    return _torch_load(file) if os.path.isfile(file) else None
-
-
-def load_rng_state(path: str) -> dict[str, Any] | None:
-    file = os.path.join(path, RNG)
-    return _torch_load(file) if os.path.isfile(file) else None
-
-
-def load_loop_state(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, LOOP_STATE), encoding="utf-8") as f:
-        return json.load(f)
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v in weights and k not in weights for k, v in aliases.items()
+    ):
+        raise CheckpointError(f"{file}: metadata {ALIASES_KEY} must map new names to stored tensors")
+    for alias, stored in aliases.items():
+        weights[alias] = weights[stored]  # the tie again: one tensor under both names
+    return weights
 
 
 def rotate_checkpoints(output_dir: str, save_total_limit: int | None, keep: list[str | None]) -> list[str]:
@@ -372,7 +364,7 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int | None, keep: list
     for path in deleted:
         logger.info("Deleting older checkpoint [%s] due to save_total_limit=%s", path, save_total_limit)
         # Rename first: a crash mid-delete leaves a temporary folder (cleaned later), never a partial checkpoint.
-        doomed = os.path.join(os.path.dirname(path), f".tmp-{PREFIX}-deleting-{os.path.basename(path)}")
+        doomed = os.path.join(os.path.dirname(path), _temporary_name(f"deleting-{os.path.basename(path)}"))
         os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     return deleted

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 def default_data_collator(features: list[Any]) -> dict[str, torch.Tensor]:
@@ -30,6 +30,15 @@ def default_data_collator(features: list[Any]) -> dict[str, torch.Tensor]:
         else:
             batch[key] = torch.as_tensor(values)
     return batch
+
+
+def make_loader(dataset, batch_sampler, collate_fn, num_workers: int, *, pin_memory: bool, seed: int) -> DataLoader:
+    """A loader over ``batch_sampler`` with its own generator: creating an iterator must not draw from the global
+    torch RNG, or a resumed run would see a different random stream than the uninterrupted one."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=generator, persistent_workers=False)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):

@@ -16,7 +16,9 @@ class ExportableState:
     """A callback (or the control) whose state is saved in checkpoints and restored on resume.
 
     ``state()`` returns ``{"args": {...}, "attributes": {...}}``: ``args`` are constructor arguments,
-    ``attributes`` are values set on the object after construction.
+    ``attributes`` are values set on the object after construction. Its keys declare what may be restored: on
+    resume a stored value is set only for a declared name, with the type the fresh instance holds
+    (trainer_lib.callback_state).
     """
 
     def state(self) -> dict:
@@ -24,9 +26,12 @@ class ExportableState:
 
     @classmethod
     def from_state(cls, state: dict):
+        """A new instance from ``state``: constructed with its ``args``, then its declared attributes restored."""
+        from .callback_state import restore_callback_states
+
         instance = cls(**state.get("args", {}))
-        for name, value in state.get("attributes", {}).items():
-            setattr(instance, name, value)
+        restore_callback_states([instance], {cls.__name__: {"attributes": state.get("attributes", {})}},
+                                f"{cls.__name__}.from_state")
         return instance
 
 
@@ -66,20 +71,15 @@ class TrainerState:
         elif isinstance(self.stateful_callbacks, dict):
             pass  # already serialised (loaded from JSON)
         else:
-            exported: dict[str, Any] = {}
+            from .callback_state import collect_callback_states, declared_state
+
             for callback in self.stateful_callbacks:
-                if not isinstance(callback, ExportableState):
+                if declared_state(callback) is None:
                     raise TypeError(
-                        f"All callbacks passed to be saved must inherit `ExportableState`, but received {type(callback)}"
+                        "All callbacks passed to be saved must have a `state()` returning {'args': ..., 'attributes': "
+                        f"...}} (e.g. inherit `ExportableState`), but received {type(callback)}"
                     )
-                name = callback.__class__.__name__
-                if name in exported:
-                    if not isinstance(exported[name], list):
-                        exported[name] = [exported[name]]
-                    exported[name].append(callback.state())
-                else:
-                    exported[name] = callback.state()
-            self.stateful_callbacks = exported
+            self.stateful_callbacks = collect_callback_states(self.stateful_callbacks)
 
     def save_to_json(self, json_path: str) -> None:
         """Save this state as JSON to ``json_path``."""

@@ -14,19 +14,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import checkpoint as ckpt
-from . import hpsearch, tensorfile
+from . import hpsearch
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
 from .callback import CallbackHandler
-from .checkpointing import CheckpointingMixin
-from .data import ResumableBatchSampler, default_data_collator
+from .checkpointing import Checkpointer
+from .data import ResumableBatchSampler, default_data_collator, make_loader
 from .distributed import DistInfo, mean_across_ranks, setup_distributed
 from .evaluation import EvaluationMixin, speed_metrics
 from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
+from .nonfinite import NonFiniteGuard
 from .optim import create_optimizer, create_scheduler
 from .registry import resolve_report_to
-from .state import ExportableState, TrainerControl, TrainerState
-from .writer import CheckpointWriter, StagingArea
+from .resume import LOSS_DTYPES, LoopPosition, ResumePoint, Target
+from .state import TrainerControl, TrainerState
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,16 @@ class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
     metrics: dict[str, float]
+
+
+class _Plan(NamedTuple):
+    """The shape of a training: its loader, batches and updates per epoch, total steps and epochs."""
+
+    dataloader: DataLoader
+    batches_per_epoch: int
+    updates_per_epoch: int
+    max_steps: int
+    num_train_epochs: int
 
 
 def set_seed(seed: int) -> None:
@@ -60,7 +70,7 @@ def _loss_of(outputs: Any) -> torch.Tensor:
     return loss
 
 
-class Trainer(CheckpointingMixin, EvaluationMixin):
+class Trainer(EvaluationMixin):
     """Train, evaluate and predict with a ``torch.nn.Module`` whose ``forward(**batch)`` returns ``loss``/``logits``."""
 
     def __init__(
@@ -103,9 +113,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         )
         self.control = TrainerControl()
         self.is_in_train = False
-        self._ckpt_writer = CheckpointWriter(asynchronous=self.args.async_checkpointing)
-        self._staging = StagingArea()
-        self._images = tensorfile.ImageStaging()
+        self.checkpointer = Checkpointer(self)
         self._eval_loaders: dict[tuple, tuple] = {}
 
         default_callbacks = [DefaultFlowCallback] + resolve_report_to(self.args.report_to)
@@ -132,41 +140,25 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
     def remove_callback(self, callback) -> None:
         self.callback_handler.remove_callback(callback)
 
-    def _loader(self, dataset, batch_sampler, generator_seed: int) -> DataLoader:
-        # The loader gets its own generator: creating an iterator must not draw from the global torch RNG,
-        # or a resumed run would see a different random stream than the uninterrupted one.
-        generator = torch.Generator()
-        generator.manual_seed(generator_seed)
-        pin = self.device.type == "cuda"
-        return DataLoader(
-            dataset,
-            batch_sampler=batch_sampler,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=pin,
-            generator=generator,
-            persistent_workers=False,
-        )
+    def _loader(self, dataset, batch_sampler) -> DataLoader:
+        return make_loader(dataset, batch_sampler, self.data_collator, self.args.dataloader_num_workers,
+                           pin_memory=self.device.type == "cuda", seed=self.args.seed)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset")
-        size = len(self.train_dataset)
+        size, args = len(self.train_dataset), self.args
         sampler = ResumableBatchSampler(
-            size,
-            self.args.per_device_train_batch_size,
-            shuffle=True,
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-            drop_last=self.args.dataloader_drop_last,
-            num_replicas=self.dist.world_size,
-            rank=self.dist.rank,
+            size, args.per_device_train_batch_size, shuffle=True, drop_last=args.dataloader_drop_last,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            num_replicas=self.dist.world_size, rank=self.dist.rank,
         )
         if len(sampler) == 0:
             raise ValueError(
                 f"the training dataset has {size} samples: fewer than one batch of "
-                f"per_device_train_batch_size={self.args.per_device_train_batch_size} with dataloader_drop_last"
+                f"per_device_train_batch_size={args.per_device_train_batch_size} with dataloader_drop_last"
             )
-        return self._loader(self.train_dataset, sampler, self.args.seed)
+        return self._loader(self.train_dataset, sampler)
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -189,14 +181,9 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
     def _sequential_loader(self, dataset) -> DataLoader:
         if len(dataset) == 0:
             raise ValueError("the evaluation dataset is empty")
-        sampler = ResumableBatchSampler(
-            len(dataset),
-            self.args.per_device_eval_batch_size,
-            shuffle=False,
-            num_replicas=self.dist.world_size,
-            rank=self.dist.rank,
-        )
-        return self._loader(dataset, sampler, self.args.seed)
+        sampler = ResumableBatchSampler(len(dataset), self.args.per_device_eval_batch_size, shuffle=False,
+                                        num_replicas=self.dist.world_size, rank=self.dist.rank)
+        return self._loader(dataset, sampler)
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         if self.optimizer is None:
@@ -230,7 +217,48 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
             return batch
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
-    # -- resume ----------------------------------------------------------------------------------------------
+    # -- training --------------------------------------------------------------------------------------------
+    def _plan(self) -> _Plan:
+        args = self.args
+        dataloader = self.get_train_dataloader()
+        batches = len(dataloader.batch_sampler)
+        updates = max(1, math.ceil(batches / args.gradient_accumulation_steps))
+        if args.max_steps > 0:
+            return _Plan(dataloader, batches, updates, args.max_steps, math.ceil(args.max_steps / updates))
+        return _Plan(dataloader, batches, updates, math.ceil(args.num_train_epochs * updates),
+                     math.ceil(args.num_train_epochs))
+
+    def _begin(self, resume_from_checkpoint, trial) -> tuple[_Plan, ResumePoint | None, torch.nn.Module]:
+        """Everything before the first step: the plan, optimizer and scheduler, the checked checkpoint applied."""
+        args = self.args
+        if args.eval_strategy != IntervalStrategy.NO and self.eval_dataset is None:
+            raise ValueError(f"TrainingArguments.eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
+        self.checkpointer.clean_temporaries()
+        plan = self._plan()
+        self.create_optimizer_and_scheduler(plan.max_steps)
+        target = Target(self.model, self.optimizer, self.lr_scheduler, plan.max_steps, plan.num_train_epochs,
+                        plan.updates_per_epoch, args.output_dir)
+        point = self.checkpointer.find(resume_from_checkpoint, target)  # read and checked whole, nothing applied
+        self.state = TrainerState(train_batch_size=args.per_device_train_batch_size)
+        if point is not None:
+            self.checkpointer.apply(point)  # before the model is wrapped: DDP broadcasts rank 0's weights
+        model = self._training_model()
+        self.callback_handler.model = self.model
+        self.callback_handler.train_dataloader = plan.dataloader
+        self.state.max_steps, self.state.num_train_epochs = plan.max_steps, plan.num_train_epochs
+        self.state.is_local_process_zero = self.dist.is_local_zero
+        self.state.is_world_process_zero = self.dist.is_world_zero
+        self.state.compute_steps(args, plan.max_steps)
+        self.state.is_hyper_param_search = trial is not None
+        self.state.trial_name = hpsearch.trial_name(self, trial) if trial is not None else None
+        self.state.trial_params = hpsearch.hp_params(trial) if trial is not None else None
+        loop = point.loop if point is not None else LoopPosition(0.0, "float32", 0.0, 0)
+        self._tr_loss = torch.tensor(loop.tr_loss, dtype=LOSS_DTYPES[loop.tr_loss_dtype], device=self.device)
+        self._total_loss_scalar, self._globalstep_last_logged = loop.total_loss_scalar, loop.globalstep_last_logged
+        self._guard = NonFiniteGuard(self.device, args.skip_nonfinite_steps)
+        self._guard.reset(self.state.global_step)
+        return plan, point, model
+
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs) -> TrainOutput:
         """Train; ``resume_from_checkpoint`` is a checkpoint folder, or True for the newest valid one.
 
@@ -243,110 +271,43 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         if self.model_init is not None:
             self._reinit_model(trial)
         args = self.args
-        if args.eval_strategy != IntervalStrategy.NO and self.eval_dataset is None:
-            raise ValueError(
-                f"TrainingArguments.eval_strategy={args.eval_strategy.value!r} needs an eval_dataset"
-            )
-        if self.dist.is_world_zero:
-            ckpt.clean_stale_temporaries(args.output_dir)
-        resume_path, resumed = self._load_resume_source(resume_from_checkpoint)
-        if resumed is not None:
-            self._load_weights_into_model(resumed["weights"], resume_path)
-
-        train_dataloader = self.get_train_dataloader()
-        sampler: ResumableBatchSampler = train_dataloader.batch_sampler
-        batches_per_epoch = len(sampler)
-        gas = args.gradient_accumulation_steps
-        updates_per_epoch = max(1, math.ceil(batches_per_epoch / gas))
-        if args.max_steps > 0:
-            max_steps = args.max_steps
-            num_train_epochs = math.ceil(max_steps / updates_per_epoch)
-        else:
-            max_steps = math.ceil(args.num_train_epochs * updates_per_epoch)
-            num_train_epochs = math.ceil(args.num_train_epochs)
-
-        self.create_optimizer_and_scheduler(max_steps)
-        model = self._training_model()
-        self.callback_handler.model = self.model
-        self.callback_handler.train_dataloader = train_dataloader
-
-        self.state = TrainerState(
-            stateful_callbacks=[
-                cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)
-            ]
-        )
-        self.state.train_batch_size = args.per_device_train_batch_size
-        self.state.compute_steps(args, max_steps)
-
-        tr_loss = torch.zeros((), device=self.device)
-        self._total_loss_scalar = 0.0
-        self._globalstep_last_logged = 0
-        epochs_trained = 0
-        batches_to_skip = 0
-        if resumed is not None:
-            self.state = resumed["state"]
-            self._restore_callback_states()
-            if resumed["optimizer"] is not None:
-                self.optimizer.load_state_dict(resumed["optimizer"])
-            if resumed["scheduler"] is not None:
-                self.lr_scheduler.load_state_dict(resumed["scheduler"])
-            loop = resumed["loop"]
-            tr_loss = torch.tensor(loop["tr_loss"], dtype=getattr(torch, loop.get("tr_loss_dtype", "float32")),
-                                   device=self.device)
-            self._total_loss_scalar = loop["total_loss_scalar"]
-            self._globalstep_last_logged = loop["globalstep_last_logged"]
-            epochs_trained = self.state.global_step // updates_per_epoch
-            batches_to_skip = (self.state.global_step % updates_per_epoch) * gas
-            logger.info("Resuming from %s at global step %d", resume_path, self.state.global_step)
-        self.state.max_steps = max_steps
-        self.state.num_train_epochs = num_train_epochs
-        self.state.is_local_process_zero = self.dist.is_local_zero
-        self.state.is_world_process_zero = self.dist.is_world_zero
-        self.state.compute_steps(args, max_steps)
-        self.state.is_hyper_param_search = trial is not None
-        self.state.trial_name = hpsearch.trial_name(self, trial) if trial is not None else None
-        self.state.trial_params = hpsearch.hp_params(trial) if trial is not None else None
-
         try:
+            plan, point, model = self._begin(resume_from_checkpoint, trial)
+            gas, state, handler = args.gradient_accumulation_steps, self.state, self.callback_handler
+            epochs_trained = state.global_step // plan.updates_per_epoch
+            batches_to_skip = (state.global_step % plan.updates_per_epoch) * gas
             self.is_in_train = True
             start_time = time.time()
             model.zero_grad(set_to_none=True)
             model.train()  # once: evaluation restores the mode it found, so the per-step cost stays out of the loop
-            self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-            if resumed is not None and resumed["rng"] is not None:
-                ckpt.restore_rng_state(resumed["rng"])
+            self.control = handler.on_train_begin(args, state, self.control)
+            if point is not None:
+                self.checkpointer.restore_rng(point)
 
-            grad_norm: float | None = None
-            handler = self.callback_handler
-            state = self.state
-            clip = args.max_grad_norm is not None and args.max_grad_norm > 0
-            for epoch in range(epochs_trained, num_train_epochs):
-                if state.global_step >= max_steps:
+            grad_norm: torch.Tensor | None = None
+            dataloader, sampler = plan.dataloader, plan.dataloader.batch_sampler
+            for epoch in range(epochs_trained, plan.num_train_epochs):
+                if state.global_step >= plan.max_steps:
                     break  # resumed from the final checkpoint: nothing left to train
                 skipped = batches_to_skip if epoch == epochs_trained else 0
                 sampler.set_epoch(epoch, skipped)
-                train_dataloader.generator.manual_seed(args.seed + epoch)
+                dataloader.generator.manual_seed(args.seed + epoch)
                 self.control = handler.on_epoch_begin(args, state, self.control)
                 step = -1
-                for batch_index, inputs in enumerate(train_dataloader, start=skipped):
+                for batch_index, inputs in enumerate(dataloader, start=skipped):
                     step = batch_index
                     position = step % gas
                     if position == 0:
                         self.control = handler.on_step_begin(args, state, self.control)
-                        group = min(gas, batches_per_epoch - step)
-                    tr_loss = tr_loss + self.training_step(model, inputs, group)
+                        group = min(gas, plan.batches_per_epoch - step)
+                        group_start = self._tr_loss
+                    self._tr_loss = self._tr_loss + self.training_step(model, inputs, group)
                     if position + 1 == group:
-                        if clip:
-                            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        self.control = handler.on_pre_optimizer_step(args, state, self.control)
-                        self.optimizer.step()
-                        self.control = handler.on_optimizer_step(args, state, self.control)
-                        self.lr_scheduler.step()
-                        model.zero_grad(set_to_none=True)
+                        grad_norm = self._update(model, group_start)
                         state.global_step += 1
-                        state.epoch = epoch + (step + 1) / batches_per_epoch
+                        state.epoch = epoch + (step + 1) / plan.batches_per_epoch
                         self.control = handler.on_step_end(args, state, self.control)
-                        tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, start_time)
+                        self._maybe_log_save_evaluate(grad_norm, start_time)
                     else:
                         self.control = handler.on_substep_end(args, state, self.control)
                     if self.control.should_epoch_stop or self.control.should_training_stop:
@@ -355,34 +316,52 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
                     logger.warning("There seems not to be a single sample in your epoch_iterator, stopping training")
                     self.control.should_training_stop = True
                 self.control = handler.on_epoch_end(args, state, self.control)
-                tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, start_time)
+                self._maybe_log_save_evaluate(grad_norm, start_time)
                 if self.control.should_training_stop:
                     break
-            self._ckpt_writer.wait()
+            self.checkpointer.wait()
             self.is_in_train = False
-
-            if args.load_best_model_at_end and state.best_model_checkpoint is not None:
-                self._load_best_model()
-
-            self._total_loss_scalar += float(mean_across_ranks(tr_loss, self.dist))
-            train_loss = self._total_loss_scalar / max(state.global_step, 0.001)
-            metrics = speed_metrics(
-                "train",
-                start_time,
-                num_samples=max_steps * args.per_device_train_batch_size * gas * self.dist.world_size,
-                num_steps=max_steps,
-            )
-            metrics["total_flos"] = state.total_flos
-            metrics["train_loss"] = train_loss
-            self.log(metrics)
-            if self.dist.is_world_zero and args.save_total_limit:
-                ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, [state.best_model_checkpoint])
-            self.control = handler.on_train_end(args, state, self.control)
-            return TrainOutput(state.global_step, train_loss, metrics)
+            return self._finish(plan, start_time)
         except BaseException as error:
             self.is_in_train = False
+            self.checkpointer.settle_after_error()  # the write in flight completes (or is gone) before we raise
             self.callback_handler.on_train_error(args, self.state, self.control, error)
             raise
+
+    def _update(self, model: torch.nn.Module, group_start: torch.Tensor) -> torch.Tensor | None:
+        """Clip, step the optimizer and the schedule, zero the gradients; returns the gradient norm (if clipped)."""
+        args, state, handler, step = self.args, self.state, self.callback_handler, self.state.global_step + 1
+        grad_norm = None
+        if args.max_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if not self._guard.skip:
+                self._guard.grad_norm(grad_norm, step)
+        if self._guard.skip and not self._guard.step_is_finite(self._tr_loss - group_start, grad_norm, step):
+            self._tr_loss = group_start  # the skipped step's loss is not counted
+        else:
+            self.control = handler.on_pre_optimizer_step(args, state, self.control)
+            self.optimizer.step()
+            self.control = handler.on_optimizer_step(args, state, self.control)
+        self.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _finish(self, plan: _Plan, start_time: float) -> TrainOutput:
+        args, state = self.args, self.state
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            self.checkpointer.load_best()
+        self._total_loss_scalar += float(mean_across_ranks(self._tr_loss, self.dist))
+        self._guard.check(self._total_loss_scalar, state.global_step)
+        train_loss = self._total_loss_scalar / max(state.global_step, 0.001)
+        samples = plan.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        metrics = speed_metrics("train", start_time, num_samples=samples * self.dist.world_size,
+                                num_steps=plan.max_steps)
+        metrics["total_flos"] = state.total_flos
+        metrics["train_loss"] = train_loss
+        self.log(metrics)
+        self.checkpointer.rotate()
+        self.control = self.callback_handler.on_train_end(args, state, self.control)
+        return TrainOutput(state.global_step, train_loss, metrics)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], group_size: int = 1) -> torch.Tensor:
         """Forward and backward one micro-batch; returns the detached loss scaled by the accumulation group."""
@@ -402,20 +381,19 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
     def _get_learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm, start_time: float) -> torch.Tensor:
-        control = self.control
-        self._ckpt_writer.poll()
-        if control.should_log and self.state.global_step > self._globalstep_last_logged:
-            tr_loss_scalar = float(mean_across_ranks(tr_loss, self.dist))
-            tr_loss = torch.zeros_like(tr_loss)
-            logs: dict[str, float] = {
-                "loss": tr_loss_scalar / (self.state.global_step - self._globalstep_last_logged)
-            }
+    def _maybe_log_save_evaluate(self, grad_norm, start_time: float) -> None:
+        control, state = self.control, self.state
+        self.checkpointer.poll()
+        if control.should_log and state.global_step > self._globalstep_last_logged:
+            tr_loss_scalar = float(mean_across_ranks(self._tr_loss, self.dist))
+            self._guard.check(tr_loss_scalar, state.global_step)
+            self._tr_loss = torch.zeros_like(self._tr_loss)
+            logs: dict[str, float] = {"loss": tr_loss_scalar / (state.global_step - self._globalstep_last_logged)}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             logs["learning_rate"] = self._get_learning_rate()
             self._total_loss_scalar += tr_loss_scalar
-            self._globalstep_last_logged = self.state.global_step
+            self._globalstep_last_logged = state.global_step
             self.log(logs)
         if self.control.should_evaluate:
             metrics = self.evaluate()
@@ -424,8 +402,12 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
             if self.args.save_strategy == SaveStrategy.BEST:
                 self.control.should_save = new_best
         if self.control.should_save:
-            self._save_checkpoint(tr_loss)
-        return tr_loss
+            loop = LoopPosition(float(self._tr_loss), str(self._tr_loss.dtype).replace("torch.", ""),
+                                self._total_loss_scalar, self._globalstep_last_logged)
+            self._guard.check(loop.tr_loss, state.global_step)  # never a checkpoint of a diverged model
+            if not self.args.max_grad_norm:
+                self._guard.parameters(self.model, state.global_step)
+            self.checkpointer.save(loop)
 
     def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
         name = self.args.metric_for_best_model
@@ -439,6 +421,8 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
             )
         value = metrics[key]
         best = self.state.best_metric
+        if not math.isfinite(value):
+            return False  # a diverged model is never the best one
         better = best is None or (value > best if self.args.greater_is_better else value < best)
         if better:
             self.state.best_metric = value
@@ -452,6 +436,10 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         output = {**logs, "step": self.state.global_step}
         self.state.log_history.append(output)
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    def save_model(self, output_dir: str | None = None) -> str:
+        """Write the model's weights (safetensors) and the arguments to ``output_dir``, atomically per file."""
+        return self.checkpointer.save_model(output_dir)
 
     # -- hyperparameter search -------------------------------------------------------------------------------
     def _init_hp_search(self) -> None:

@@ -64,7 +64,9 @@ class CheckpointWriter:
             _yield_to_training()
             try:
                 folder = write_checkpoint(payload, output_dir)
-            except BaseException as error:  # surfaced in the training thread by wait()
+            except BaseException as error:  # surfaced in the training thread by wait(): at the next save or the end
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(f"while writing checkpoint-{payload.step} in the background to {output_dir}")
                 self._error = error
                 return
             self._done = (on_done, folder)
