@@ -21,6 +21,11 @@ def _model_config_json(model) -> str | None:
     return None
 
 
+def _inside(path: str, *folders: str) -> bool:
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f) for f in folders if f)
+
+
 class TensorBoardCallback(BatchedLogCallback, ExportableState):
     """Writes the logs to TensorBoard event files in ``args.logging_dir`` (or into a given ``tb_writer``).
 
@@ -49,8 +54,13 @@ class TensorBoardCallback(BatchedLogCallback, ExportableState):
         if self.tb_writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # The checkpoint's log dir, when it exists here (a retry on another machine starts a new one).
+            # The checkpoint's log dir, when it exists here (a retry on another machine starts a new one) and lies
+            # in this run's folders: a checkpoint is data from elsewhere and must not choose where we write.
             log_dir = self.log_dir if self.log_dir and os.path.isdir(self.log_dir) else args.logging_dir
+            if log_dir != args.logging_dir and not _inside(log_dir, args.output_dir, os.path.dirname(args.logging_dir)):
+                logger.warning("TensorBoard: not continuing in %s from the checkpoint: it is outside output_dir and "
+                               "logging_dir; writing to %s", log_dir, args.logging_dir)
+                log_dir = args.logging_dir
             if state.is_hyper_param_search and state.trial_name and not self.log_dir:
                 log_dir = os.path.join(log_dir, state.trial_name)
             # Hide whatever an earlier attempt logged after the step this run continues from.
