@@ -68,15 +68,19 @@ def _accepts(current: Any, value: Any) -> bool:
 def _plan(callback: Any, entry: dict, source: str) -> list[tuple[str, Any]]:
     """The (name, value) pairs of ``entry`` that ``callback`` declares and that fit; warns about the rest."""
     declared = declared_state(callback) or {"args": {}, "attributes": {}}
-    writes, refused = [], []
+    writes, refused, exported_only = [], [], []
+    missing = object()
     for part in ("args", "attributes"):
         for name, value in (entry.get(part) or {}).items():
-            missing = object()
             current = getattr(callback, name, missing) if isinstance(name, str) else missing
-            if name in declared[part] and current is not missing and _accepts(current, value):
+            if name in declared[part] and current is missing:
+                exported_only.append(name)  # saved for readers of the checkpoint, not a field to restore
+            elif name in declared[part] and _accepts(current, value):
                 writes.append((name, value))
             else:
                 refused.append(f"{part}.{name}")
+    if exported_only:
+        logger.debug("%s: %s declares %s but has no such fields", source, type(callback).__name__, exported_only)
     if refused:
         logger.warning("%s: ignoring state of %s that it does not declare or that has another type: %s",
                        source, type(callback).__name__, ", ".join(map(str, refused)))
