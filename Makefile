@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
 	touch $@
 
+# the Flyte workflow on the embedded default job, run locally (cached tasks are reused: --overwrite-cache retrains);
+# `python -m workflows run --workdir outputs` is the plain entry point (the DVC stages use it)
 run: setup
-	$(PY) -m workflows run --workdir outputs
+	$(VENV)/bin/pyflyte run workflows/training.py training_workflow
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-ROWS = ("core", "trackers", "reference", "stall", "resume", "import", "eval")
+ROWS = ("core", "trackers", "reference", "stall", "resume", "import", "eval", "flyte")
 
 
 def _row(name: str, ours: str, theirs: str, ratio: float, target: str) -> str:
@@ -69,6 +69,14 @@ def main() -> None:
         print(_row("7. evaluation throughput", f"{r['trainer_samples_per_s']:.0f} samples/s",
                    f"inference_mode loop {r['hand_samples_per_s']:.0f} samples/s", r["ratio"], ">= 0.95x"),
               flush=True)
+    if "flyte" in rows:
+        from . import flyte_entry
+
+        r = flyte_entry.compare(min(opts.repeats, 3))
+        print(_row("8. default job: pyflyte run (local cache off) vs python -m workflows run", f"{r['pyflyte_s']:.1f} s",
+                   f"{r['plain_s']:.1f} s", r["ratio"], f"<= 1.5x (pairs {r['ratio_min']:.2f}-{r['ratio_max']:.2f})"),
+              flush=True)
+        print(f"| 8. cached rerun of the same pyflyte run | {r['cached_s']:.1f} s | | | <= 5 s |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,19 @@
 """Flyte: keep the newest checkpoint in the task's Flyte checkpoint (a retried attempt resumes from it) and render
-the log history as a deck with a table and inline SVG charts (no external scripts: decks are opened offline).
+the log history as a deck (charts and table from callbacks.flyte_deck; no external scripts: decks open offline).
 
 flytekit is imported only when a callback is created or a helper is called, never by ``import callbacks.flyte``.
 """
 
 from __future__ import annotations
 
-import html
-import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 from trainer_lib import checkpoint as ckpt
 
 from ._common import TrackerCallback, logger
-
-#: log keys that measure time: left out of the charts (they are in the table)
-TIMING_SUFFIXES = ("_runtime", "_per_second")
-#: keys charted before the eval metrics, when present
-TRAIN_CHART_KEYS = ("loss", "learning_rate", "grad_norm")
-MAX_TABLE_ROWS = 1000
-MAX_CHART_POINTS = 400
+from .flyte_deck import chart_series, log_history_html, log_history_table, svg_line_chart  # noqa: F401 (re-exported)
 
 
 # -- the Flyte checkpoint --------------------------------------------------------------------------------------
@@ -106,124 +96,6 @@ def restore_from_flyte(checkpoint, local_dir: str) -> str | None:
     if ckpt.checkpoint_step(restored) is None and os.path.isfile(os.path.join(restored, ckpt.MANIFEST)):
         return restored  # a checkpoint folder saved flat (checkpoint.save(folder) by other code)
     return ckpt.latest_valid_checkpoint(restored)
-
-
-# -- the Log History deck ----------------------------------------------------------------------------------------
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _columns(history: Sequence[Mapping[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {"step": None, "epoch": None}
-    for entry in history:
-        seen.update(dict.fromkeys(entry))
-    return [c for c in seen if any(c in e for e in history)]
-
-
-def log_history_table(history: Sequence[Mapping[str, Any]], max_rows: int = MAX_TABLE_ROWS) -> str:
-    """The log history as an HTML table; beyond ``max_rows`` only the first and last rows are kept."""
-    columns = _columns(history)
-    rows = list(history)
-    skipped = 0
-    if len(rows) > max_rows:
-        skipped = len(rows) - max_rows
-        rows = rows[: max_rows // 2] + [None] + rows[-(max_rows - max_rows // 2) :]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = []
-    for entry in rows:
-        if entry is None:
-            body.append(f'<tr><td colspan="{len(columns)}">… {skipped} rows left out …</td></tr>')
-            continue
-        cells = "".join(f"<td>{html.escape(_format(entry[c])) if c in entry else ''}</td>" for c in columns)
-        body.append(f"<tr>{cells}</tr>")
-    return (
-        '<table class="flytrain-log-history" border="1" style="border-collapse:collapse;font-size:12px">'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-    )
-
-
-def _thin(points: list[tuple[float, float]], limit: int) -> list[tuple[float, float]]:
-    if len(points) <= limit:
-        return points
-    stride = (len(points) - 1) / (limit - 1)
-    return [points[round(i * stride)] for i in range(limit)]
-
-
-def _span(values: list[float]) -> tuple[float, float]:
-    low, high = min(values), max(values)
-    if low == high:
-        pad = abs(low) * 0.05 or 1.0
-        return low - pad, high + pad
-    pad = (high - low) * 0.05
-    return low - pad, high + pad
-
-
-def svg_line_chart(name: str, points: Sequence[tuple[float, float]], width: int = 460, height: int = 220) -> str:
-    """A self-contained SVG line chart of ``(step, value)`` points; non-finite values are left out."""
-    data = [(float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)]
-    data = _thin(sorted(data), MAX_CHART_POINTS)
-    label = html.escape(name)
-    left, right, top, bottom = 62, 12, 24, 30
-    svg = [
-        f'<svg class="flytrain-chart" data-metric="{label}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{label} against step">',
-        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13" font-family="sans-serif">{label}</text>',
-        f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
-        'fill="none" stroke="#999"/>',
-    ]
-    if not data:
-        svg.append(f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle" font-size="12">no data</text>')
-        return "".join(svg) + "</svg>"
-    x_low, x_high = _span([x for x, _ in data])
-    y_low, y_high = _span([y for _, y in data])
-
-    def sx(x: float) -> float:
-        return left + (x - x_low) / (x_high - x_low) * (width - left - right)
-
-    def sy(y: float) -> float:
-        return height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
-
-    tick = 'font-size="10" font-family="sans-serif" fill="#444"'
-    for y in (y_low, (y_low + y_high) / 2, y_high):
-        svg.append(f'<text x="{left - 4}" y="{sy(y) + 3:.1f}" text-anchor="end" {tick}>{y:.4g}</text>')
-        svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>')
-    steps = [x for x, _ in data]
-    for x in sorted({min(steps), max(steps)}):
-        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle" {tick}>{x:g}</text>')
-    svg.append(f'<text x="{width - right}" y="{height - 4}" text-anchor="end" {tick}>step</text>')
-    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in data)
-    svg.append(f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{path}"/>')
-    if len(data) <= 60:
-        svg.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2" fill="#1f77b4"/>' for x, y in data)
-    return "".join(svg) + "</svg>"
-
-
-def chart_series(history: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """``key -> [(step, value)]`` for the training loss, learning rate, grad norm and every eval metric."""
-    eval_keys = sorted(
-        {k for e in history for k in e if k.startswith("eval_") and not k.endswith(TIMING_SUFFIXES)}
-    )
-    series: dict[str, list[tuple[float, float]]] = {}
-    for key in [*TRAIN_CHART_KEYS, *eval_keys]:
-        points = [
-            (e["step"], e[key])
-            for e in history
-            if key in e and "step" in e and isinstance(e[key], (int, float)) and not isinstance(e[key], bool)
-        ]
-        if points:
-            series[key] = points
-    return series
-
-
-def log_history_html(history: Sequence[Mapping[str, Any]]) -> str:
-    """The deck body: one chart per series, then the table."""
-    charts = "".join(svg_line_chart(key, points) for key, points in chart_series(history).items())
-    return (
-        f'<h3>Training curves</h3><div style="display:flex;flex-wrap:wrap;gap:8px">{charts}</div>'
-        f"<h3>Log history ({len(history)} entries)</h3>{log_history_table(history)}"
-    )
 
 
 # -- the callback ----------------------------------------------------------------------------------------------

@@ -73,6 +73,12 @@ def reference(tmp_path_factory):
     return {"data": data_dir, "weights": ckpt.load_weights(str(root / "model"))}
 
 
+def fingerprint(config) -> str:
+    from workflows.flyte_cache import run_fingerprint
+
+    return run_fingerprint(config)
+
+
 def assert_same_weights(model_dir: str, expected: dict[str, torch.Tensor]) -> None:
     weights = ckpt.load_weights(model_dir)
     assert sorted(weights) == sorted(expected)
@@ -83,7 +89,7 @@ def assert_same_weights(model_dir: str, expected: dict[str, torch.Tensor]) -> No
 def assert_log_history_deck(deck_html: str) -> None:
     assert len(deck_html.encode()) < 1_000_000
     assert "Log History" in deck_html
-    table = re.search(r'<table class="flytrain-log-history".*?</table>', deck_html, re.S)
+    table = re.search(r'<table class="flytrain-log-history[^"]*".*?</table>', deck_html, re.S)
     assert table and "<th>step</th>" in table.group(0) and "<th>eval_accuracy</th>" in table.group(0)
     for name in CHARTS:
         match = re.search(rf'<svg class="flytrain-chart" data-metric="{name}".*?</svg>', deck_html, re.S)
@@ -117,8 +123,9 @@ def test_log_history_html_holds_table_and_svg_charts():
     for svg in re.findall(r"<svg .*?</svg>", html, re.S):
         ET.fromstring(svg)  # well-formed, self-contained
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
-    rows = re.findall(r"<tr>", html)
-    assert len(rows) == len(history) + 1
+    table = re.search(r'<table class="flytrain-log-history.*?</table>', html, re.S).group(0)
+    assert len(re.findall(r"<tr>", table)) == len(history) + 1
+    assert "<th>eval_runtime</th>" not in table and "<th>train_runtime</th>" not in table
 
 
 def test_log_history_html_stays_small_for_long_runs():
@@ -196,10 +203,15 @@ def test_pyflyte_run_resumes_from_workdir_and_writes_the_deck(tmp_path, referenc
     with open(os.path.join(metrics_dir, "metrics.json")) as f:
         assert 0.5 < json.load(f)["test_accuracy"] <= 1.0
 
-    decks = find_files(env["TMPDIR"], "deck.html")
-    assert len(decks) == 1  # train_model's (the killed run wrote none)
-    with open(decks[0], encoding="utf-8") as f:
+    # the killed run wrote no deck; the second run's two decks are where its last lines say
+    printed = dict(re.findall(r"^  (\w+): file://(\S+)$", second.stdout, re.M))
+    assert sorted(printed.values()) == find_files(env["TMPDIR"], "deck.html")
+    with open(printed["train_model"], encoding="utf-8") as f:
         assert_log_history_deck(f.read())
+    with open(printed["evaluate_model"], encoding="utf-8") as f:
+        evaluation = f.read()
+    assert 'class="flytrain-heatmap' in evaluation and "<h3>Test metrics</h3>" in evaluation
+    assert re.search(r"^test accuracy: \d\.\d{4}$", second.stdout, re.M)
 
 
 # -- a cluster's attempts, for real with local folders ---------------------------------------------------------------
@@ -211,10 +223,11 @@ def test_cluster_attempts_killed_preempted_and_resumed(tmp_path, reference):
     from workflows.config import PipelineConfig
 
     root = str(tmp_path)
+    config = small_config(report_to=["flyte"])
     write_inputs(
         os.path.join(root, "inputs.pb"),
-        {"config": small_config(report_to=["flyte"]), "data": FlyteDirectory(reference["data"]), "workdir": ""},
-        {"config": PipelineConfig, "data": FlyteDirectory, "workdir": str},
+        {"config": config, "data": FlyteDirectory(reference["data"]), "workdir": "", "fingerprint": fingerprint(config)},
+        {"config": PipelineConfig, "data": FlyteDirectory, "workdir": str, "fingerprint": str},
     )
     env = flyte_env(tmp_path)
     cp_a, cp_b, cp_c = (os.path.join(root, f"flyte-checkpoint-{x}") for x in "ABC")
@@ -258,8 +271,8 @@ def test_bad_config_fails_without_retry_and_names_the_key(tmp_path, reference):
     root = str(tmp_path)
     bad = PipelineConfig(data=DataConfig(val_fraction=0.9))  # built directly: nothing validated it yet
     write_inputs(os.path.join(root, "inputs.pb"),
-                 {"config": bad, "data": FlyteDirectory(reference["data"]), "workdir": ""},
-                 {"config": PipelineConfig, "data": FlyteDirectory, "workdir": str})
+                 {"config": bad, "data": FlyteDirectory(reference["data"]), "workdir": "", "fingerprint": "bad"},
+                 {"config": PipelineConfig, "data": FlyteDirectory, "workdir": str, "fingerprint": str})
     env = flyte_env(tmp_path)
     cli = subprocess.Popen(
         [os.path.join(BIN, "pyflyte"), "run", "workflows/training.py", "training_workflow",
@@ -299,16 +312,24 @@ def test_every_workflow_serialises_for_a_cluster(tmp_path):
                 tasks[match.group(1)] = task_pb2.TaskSpec.FromString(data).template
             elif match.group(2) == "2":
                 workflows[match.group(1)] = workflow_pb2.WorkflowSpec.FromString(data).template
-    assert set(tasks) == {"prepare_data", "train_model", "train_model_distributed", "evaluate_model"}
+    assert set(tasks) == {"resolve_run", "prepare_data", "train_model", "train_model_distributed", "evaluate_model"}
     assert set(workflows) == {"training_workflow", "distributed_training_workflow"}
     for template in tasks.values():
         assert template.container.image.startswith("localhost:30000/flytrain:")  # the ImageSpec, never built
-    assert tasks["prepare_data"].metadata.discoverable and tasks["prepare_data"].metadata.discovery_version == "1"
+    from workflows.flyte_cache import CACHE_VERSION
+
+    assert set(tasks) >= {"resolve_run"} and not tasks["resolve_run"].metadata.discoverable
+    for name in ("prepare_data", "train_model", "train_model_distributed"):
+        meta = tasks[name].metadata
+        assert meta.discoverable and meta.discovery_version == CACHE_VERSION, name
+    assert list(tasks["prepare_data"].metadata.cache_ignore_input_vars) == ["source"]
     for name in ("train_model", "train_model_distributed"):
         meta = tasks[name].metadata
         assert meta.retries.retries >= 2 and meta.interruptible and meta.generates_deck.value
+        assert sorted(meta.cache_ignore_input_vars) == ["config", "workdir"]
+    assert tasks["evaluate_model"].metadata.generates_deck.value
     assert {n.task_node.reference_id.name.split(".")[-1] for n in workflows["distributed_training_workflow"].nodes} \
-        == {"prepare_data", "train_model_distributed", "evaluate_model"}
+        == {"resolve_run", "prepare_data", "train_model_distributed", "evaluate_model"}
 
 
 # -- the distributed variant -----------------------------------------------------------------------------------------

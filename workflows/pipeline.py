@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 #: log keys that measure time: left out of files that must be byte-identical between identical runs
 TIMING_SUFFIXES = ("_runtime", "_per_second")
 RUN_CONFIG = "run_config.json"
+#: the version of what prepare/train/evaluate produce from the same inputs: bump it with any change that alters
+#: their outputs (a split, a metric, the training loop). Flyte's task cache versions derive from it.
+PIPELINE_VERSION = 1
 
 
 def prepare(config: PipelineConfig, data_dir: str) -> dict[str, Any]:

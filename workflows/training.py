@@ -3,7 +3,9 @@
 Local:   ``pyflyte run workflows/training.py training_workflow --config '{"training": {"max_steps": 200}}'``
 Cluster: ``pyflyte --config flyte.config run --remote workflows/training.py training_workflow``
 
-``--config`` takes JSON or a YAML/JSON file (e.g. params.yaml), parsed strictly (an unknown key is an error).
+``--config`` takes JSON or a YAML/JSON file (e.g. params.yaml), parsed strictly (an unknown key is an error);
+``--overrides '["training.learning_rate=0.002"]'`` sets keys as ``dvc exp run -S`` does; ``--data FILE`` trains on a
+CSV/Parquet file (uploaded by pyflyte). Cached tasks key on content and the run fingerprint (workflows/flyte_cache.py).
 ``--workdir DIR`` keeps the checkpoints in DIR: the same command started again after an interruption continues
 from the newest checkpoint. On a cluster, checkpoints also go to the task's Flyte checkpoint, so a retried attempt
 (preemption, lost node) resumes where the previous attempt stopped.
@@ -11,10 +13,11 @@ from the newest checkpoint. On a cluster, checkpoints also go to the task's Flyt
 
 import logging
 import os
+import shutil
 import signal
 import threading
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import flytekit
 from flytekit import Resources, task, workflow
@@ -22,12 +25,15 @@ from flytekit.deck import DeckField
 from flytekit.exceptions.system import FlyteSystemException
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from callbacks.flyte import NotInFlyteTask, current_flyte_checkpoint, restore_from_flyte, save_to_flyte
-from workflows import pipeline
+from workflows import flyte_cache, pipeline
 from workflows.config import ConfigError, DataConfig, PipelineConfig
+from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck
 from workflows.image import build_image
+from workflows.overrides import apply_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,12 @@ class TrainOutputs(NamedTuple):
 class EvalOutputs(NamedTuple):
     metrics: FlyteDirectory
     test_metrics: dict[str, float]
+
+
+class ResolvedRun(NamedTuple):
+    config: PipelineConfig
+    source: Optional[FlyteFile]
+    fingerprint: str
 
 
 class PipelineOutputs(NamedTuple):
@@ -177,13 +189,59 @@ def run_training(config: PipelineConfig, data: FlyteDirectory, workdir: str) -> 
 
 
 # -- tasks ---------------------------------------------------------------------------------------------------------
-@task(cache=True, cache_version="1", container_image=IMAGE, requests=Resources(cpu="1", mem="1Gi"))
-def prepare_data(data: DataConfig) -> FlyteDirectory:
-    """Load and split the data (cached: only the data section of the config is its key)."""
+@task(container_image=IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def resolve_run(config: PipelineConfig, overrides: list[str], data: Optional[FlyteFile] = None) -> ResolvedRun:
+    """The run's config (overrides applied, checked) with its data source addressed by content, and the run's
+    fingerprint: the cache keys of the tasks after it hold the data's SHA-256 and the fingerprint, never a path.
+
+    Not cached (it is what makes the later keys trustworthy); it reads the data file once to hash it.
+    """
+    announce_at_exit()
+    config = apply_overrides(validated(config), overrides)
+    source = None
+    if data is not None:
+        path = data.download()
+        config.data.source = flyte_cache.content_addressed(path, data.remote_source, data.path, config.data.source)
+        source = data
+    elif config.data.source != "digits":
+        path = config.data.source
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"data.source: file {path!r} does not exist here (a cluster cannot read local paths: give the file "
+                "as the workflow's --data input, which pyflyte uploads)"
+            )
+        config.data.source = flyte_cache.content_addressed(path)
+        source = FlyteFile(path)
+    return ResolvedRun(config=config, source=source, fingerprint=flyte_cache.run_fingerprint(config))
+
+
+@task(
+    cache=True,
+    cache_version=flyte_cache.CACHE_VERSION,
+    cache_ignore_input_vars=("source",),  # data.source holds its content hash
+    container_image=IMAGE,
+    requests=Resources(cpu="1", mem="1Gi"),
+)
+def prepare_data(data: DataConfig, source: Optional[FlyteFile] = None) -> flyte_cache.ContentDirectory:
+    """Load and split the data (cached on the data section, whose source is the file's content hash)."""
+    sandbox = flytekit.current_context().working_directory
+    if source is not None:
+        local = os.path.join(sandbox, "source", "data" + flyte_cache.source_suffix(data.source))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        shutil.copyfile(source.download(), local)
+        data.source = local
     config = validated(PipelineConfig(data=data))
-    out = os.path.join(flytekit.current_context().working_directory, "data")
+    out = os.path.join(sandbox, "data")
     pipeline.prepare(config, out)
     return FlyteDirectory(out)
+
+
+_TRAIN_CACHE = dict(
+    cache=True,
+    cache_version=flyte_cache.CACHE_VERSION,
+    # the key is the data's content and the fingerprint; config (beyond its fingerprint) and workdir only observe
+    cache_ignore_input_vars=("config", "workdir"),
+)
 
 
 @task(
@@ -193,8 +251,9 @@ def prepare_data(data: DataConfig) -> FlyteDirectory:
     deck_fields=DECK_FIELDS,
     container_image=IMAGE,
     requests=Resources(cpu="2", mem="2Gi"),
+    **_TRAIN_CACHE,
 )
-def train_model(config: PipelineConfig, data: FlyteDirectory, workdir: str = "") -> TrainOutputs:
+def train_model(config: PipelineConfig, data: FlyteDirectory, fingerprint: str, workdir: str = "") -> TrainOutputs:
     """Train, resuming from the previous attempt's Flyte checkpoint or from ``workdir``'s checkpoints."""
     return run_training(config, data, workdir)
 
@@ -208,41 +267,63 @@ def train_model(config: PipelineConfig, data: FlyteDirectory, workdir: str = "")
     deck_fields=DECK_FIELDS,
     container_image=IMAGE,
     requests=Resources(cpu=str(NPROC_PER_NODE), mem="4Gi"),
+    **_TRAIN_CACHE,
 )
-def train_model_distributed(config: PipelineConfig, data: FlyteDirectory, workdir: str = "") -> TrainOutputs:
+def train_model_distributed(
+    config: PipelineConfig, data: FlyteDirectory, fingerprint: str, workdir: str = ""
+) -> TrainOutputs:
     """train_model in NPROC_PER_NODE processes (torch elastic, DDP; gloo on CPU, nccl on GPU); rank 0's result."""
     return run_training(config, data, workdir)
 
 
-@task(container_image=IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+@task(enable_deck=True, deck_fields=DECK_FIELDS, container_image=IMAGE, requests=Resources(cpu="1", mem="1Gi"))
 def evaluate_model(config: PipelineConfig, data: FlyteDirectory, model: FlyteDirectory) -> EvalOutputs:
-    """Test-set metrics, confusion matrix and training curves."""
+    """Test-set metrics, confusion matrix and training curves, and the Evaluation deck (not cached: it is cheap,
+    and every run, a cached one too, gets its report)."""
     config = validated(config)
     out = os.path.join(flytekit.current_context().working_directory, "metrics")
-    metrics = pipeline.evaluate(config, data.download(), model.download(), out)
+    model_dir = model.download()
+    metrics = pipeline.evaluate(config, data.download(), model_dir, out)
+    render_evaluation_deck(out, model_dir)
+    remember_test_metrics(metrics)
     return EvalOutputs(metrics=FlyteDirectory(out), test_metrics=metrics)
 
 
 # -- workflows -----------------------------------------------------------------------------------------------------
 @workflow
-def training_workflow(config: PipelineConfig = PipelineConfig(), workdir: str = "") -> PipelineOutputs:
-    """prepare → train → evaluate.
+def training_workflow(
+    config: PipelineConfig = PipelineConfig(),
+    workdir: str = "",
+    data: Optional[FlyteFile] = None,
+    overrides: list[str] = [],  # noqa: B006 (a workflow default is a literal, never mutated)
+) -> PipelineOutputs:
+    """resolve → prepare → train → evaluate.
 
     Args:
         config: the run config (JSON, or a YAML/JSON file such as params.yaml); defaults to the digits job.
         workdir: a folder for the checkpoints: the same command started again continues the run (default: a fresh
             temporary folder per run).
+        data: a CSV/Parquet file (a local path is uploaded, or a remote URI) used instead of config's data.source.
+        overrides: ``section.key=value`` items as ``dvc exp run -S`` takes them, e.g.
+            '["training.learning_rate=0.002"]'.
     """
-    data = prepare_data(data=config.data)
-    trained = train_model(config=config, data=data, workdir=workdir)
-    evaluated = evaluate_model(config=config, data=data, model=trained.model)
-    return PipelineOutputs(data, trained.model, trained.logs, evaluated.metrics, evaluated.test_metrics)
+    run = resolve_run(config=config, overrides=overrides, data=data)
+    prepared = prepare_data(data=run.config.data, source=run.source)
+    trained = train_model(config=run.config, data=prepared, fingerprint=run.fingerprint, workdir=workdir)
+    evaluated = evaluate_model(config=run.config, data=prepared, model=trained.model)
+    return PipelineOutputs(prepared, trained.model, trained.logs, evaluated.metrics, evaluated.test_metrics)
 
 
 @workflow
-def distributed_training_workflow(config: PipelineConfig = PipelineConfig(), workdir: str = "") -> PipelineOutputs:
+def distributed_training_workflow(
+    config: PipelineConfig = PipelineConfig(),
+    workdir: str = "",
+    data: Optional[FlyteFile] = None,
+    overrides: list[str] = [],  # noqa: B006
+) -> PipelineOutputs:
     """training_workflow with the training task distributed over NPROC_PER_NODE processes."""
-    data = prepare_data(data=config.data)
-    trained = train_model_distributed(config=config, data=data, workdir=workdir)
-    evaluated = evaluate_model(config=config, data=data, model=trained.model)
-    return PipelineOutputs(data, trained.model, trained.logs, evaluated.metrics, evaluated.test_metrics)
+    run = resolve_run(config=config, overrides=overrides, data=data)
+    prepared = prepare_data(data=run.config.data, source=run.source)
+    trained = train_model_distributed(config=run.config, data=prepared, fingerprint=run.fingerprint, workdir=workdir)
+    evaluated = evaluate_model(config=run.config, data=prepared, model=trained.model)
+    return PipelineOutputs(prepared, trained.model, trained.logs, evaluated.metrics, evaluated.test_metrics)
