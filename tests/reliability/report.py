@@ -30,6 +30,7 @@ def flyte_chain_trials(kills: int = 5) -> list[Trial]:
     from trainer_lib import checkpoint as ckpt
     from workflows import pipeline
     from workflows.config import PipelineConfig
+    from workflows.flyte_cache import run_fingerprint
 
     with tempfile.TemporaryDirectory() as root:
         data = os.path.join(root, "data")
@@ -42,9 +43,11 @@ def flyte_chain_trials(kills: int = 5) -> list[Trial]:
         finally:
             torch.set_num_threads(threads)
         reference = ckpt.load_weights(os.path.join(root, "ref"))
+        config = small_config(save_steps=5, report_to=["flyte"])
         fh.write_inputs(os.path.join(root, "inputs.pb"),
-                     {"config": small_config(save_steps=5, report_to=["flyte"]), "data": FlyteDirectory(data),
-                      "workdir": ""}, {"config": PipelineConfig, "data": FlyteDirectory, "workdir": str})
+                        {"config": config, "data": FlyteDirectory(data), "workdir": "",
+                         "fingerprint": run_fingerprint(config)},
+                        {"config": PipelineConfig, "data": FlyteDirectory, "workdir": str, "fingerprint": str})
         env, prev, prev_step, kills_at, problems = fh.flyte_env(root), "", 0, [], []
         for k in range(kills + 1):
             cp, name = os.path.join(root, f"flyte-checkpoint-{k}"), f"attempt{k + 1}"
