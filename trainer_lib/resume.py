@@ -155,7 +155,7 @@ def check_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, wher
             raise CheckpointError(f"{where}: {alias!r} is tied to {name!r} in the model but holds other values")
 
 
-def check_optimizer(state: Any, optimizer: torch.optim.Optimizer, where: str) -> None:
+def check_optimizer(state: Any, optimizer: torch.optim.Optimizer, where: str, tensors_where: str | None = None) -> None:
     """Param groups like the live optimizer's (count, sizes, hyperparameter types) and per-parameter state
     whose tensors have their parameter's shape."""
     if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list) or not isinstance(
@@ -183,6 +183,7 @@ def check_optimizer(state: Any, optimizer: torch.optim.Optimizer, where: str) ->
         for key, value in current.items():
             if key != "params" and key in group:
                 check_like(value, group[key], f"{where}: {field}.{key}")
+    tensors_where = tensors_where or where
     for pid, entry in state["state"].items():
         if pid not in params or not isinstance(entry, dict):
             raise CheckpointError(f"{where}: state[{pid!r}] belongs to no parameter of the optimizer")
@@ -190,11 +191,10 @@ def check_optimizer(state: Any, optimizer: torch.optim.Optimizer, where: str) ->
             field = f"state[{pid}].{name}"
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1 and value.shape != params[pid].shape:
-                    raise CheckpointError(
-                        f"{where}: {field} has shape {tuple(value.shape)}, its parameter {tuple(params[pid].shape)}"
-                    )
+                    raise CheckpointError(f"{tensors_where}: {field} has shape {tuple(value.shape)}, its parameter "
+                                          f"{tuple(params[pid].shape)}")
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise CheckpointError(f"{where}: {field} holds non-finite values")
+                    raise CheckpointError(f"{tensors_where}: {field} holds non-finite values")
             else:
                 check_like(None, value, f"{where}: {field}")
 
@@ -282,7 +282,13 @@ def read_resume_point(path: str, target: Target) -> ResumePoint:
     """Read and check every part of the checkpoint at ``path`` against ``target``; CheckpointError if anything
     does not fit. Nothing of the run is touched."""
     ckpt.validate_checkpoint(path)
+    try:
+        return _read(path, target)
+    except Problem as problem:  # its message names the file and the field
+        raise CheckpointError(str(problem)) from None
 
+
+def _read(path: str, target: Target) -> ResumePoint:
     def file(name: str) -> str:
         return os.path.join(path, name)
 
@@ -300,8 +306,10 @@ def read_resume_point(path: str, target: Target) -> ResumePoint:
     weights = ckpt.load_weights(path)
     check_weights(weights, target.model, file(ckpt.WEIGHTS))
     optimizer = read_optimizer_state(path)
-    where = file(ckpt.OPTIMIZER_META if os.path.isfile(file(ckpt.OPTIMIZER_META)) else ckpt.OPTIMIZER)
-    check_optimizer(optimizer, target.optimizer, where)
+    if os.path.isfile(file(ckpt.OPTIMIZER_META)):
+        check_optimizer(optimizer, target.optimizer, file(ckpt.OPTIMIZER_META), file(ckpt.OPTIMIZER_TENSORS))
+    else:
+        check_optimizer(optimizer, target.optimizer, file(ckpt.OPTIMIZER))
     if not os.path.isfile(file(ckpt.SCHEDULER)) or not os.path.isfile(file(ckpt.RNG)):
         raise CheckpointError(f"checkpoint {path!r}: {ckpt.SCHEDULER} or {ckpt.RNG} is missing")
     scheduler = _torch_load(file(ckpt.SCHEDULER))

@@ -1,0 +1,38 @@
+"""Hostile checkpoints and faults (tests/reliability/hostile.py): every case must hold."""
+
+from __future__ import annotations
+
+from tests.reliability import hostile
+
+
+def _assert_all_held(results, at_least: int):
+    assert len(results) >= at_least
+    failed = [(case, detail) for case, held, detail in results if not held]
+    assert not failed, failed
+
+
+def test_tampered_checkpoint_content_is_refused_naming_file_and_field_and_resume_true_falls_back():
+    # every case refused by path; the fallback to the older checkpoint for one case per file
+    one_per_file = list({name: case for case in hostile.TAMPERED for name in [case[1]]}.values())
+    _assert_all_held(hostile.tampered_content_trials(fallback=False), len(hostile.TAMPERED))
+    _assert_all_held(hostile.tampered_content_trials(fallback=True, cases=one_per_file), 7)
+
+
+def test_callback_state_injection_sets_no_undeclared_attribute_and_writes_nothing_outside_output_dir():
+    _assert_all_held(hostile.injection_trials(), 5)
+
+
+def test_tracker_run_ids_declared_as_state_survive_save_and_restore():
+    _assert_all_held(hostile.tracker_state_round_trip(), 4)
+
+
+def test_non_finite_loss_or_grad_norm_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint():
+    _assert_all_held(hostile.nonfinite_trials(), 18)
+
+
+def test_tied_weights_checkpoint_resume_bit_exactly_and_save_in_sync_and_async_modes():
+    _assert_all_held(hostile.tied_weights_trials(), 4)
+
+
+def test_background_write_errors_surface_and_live_writers_folders_are_never_removed():
+    _assert_all_held(hostile.async_error_trials(), 6)
