@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from .arguments import IntervalStrategy, SaveStrategy
 from .callback import TrainerCallback
+from .console import format_log_line, format_value, notice, resume_notice, wants_progress_bar
 from .state import ExportableState
 
 logger = logging.getLogger(__name__)
@@ -47,16 +49,12 @@ class DefaultFlowCallback(TrainerCallback):
         return control
 
 
-def _format_logs(logs: dict) -> dict:
-    shown = {k: v for k, v in logs.items() if k != "total_flos"}
-    for key, value in shown.items():
-        if isinstance(value, float) and key != "epoch":
-            shown[key] = float(f"{value:.4g}")
-    return shown
-
-
 class PrinterCallback(TrainerCallback):
-    """Prints the logs (used instead of progress bars when ``disable_tqdm``)."""
+    """Prints the logs as dicts, the reference's way (used instead of ProgressCallback when ``disable_tqdm``)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step > 0:
+            notice(resume_notice(state.global_step, state.max_steps, state.epoch))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         _ = logs.pop("total_flos", None)
@@ -65,57 +63,86 @@ class PrinterCallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """tqdm progress bars for training and evaluation; logs are written above the bar."""
+    """What a training shows on screen: a live bar where someone watches, a compact line per log event.
+
+    With stderr on a terminal (or in a notebook) a tqdm training bar (steps, ETA, it/s; the last loss and learning
+    rate in its postfix) and a short evaluation bar are drawn, and log lines go above the bar. Without one (CI,
+    Flyte pods, DVC logs) no bar is drawn: one compact line per log event (``trainer_lib.console``).
+    ``FLYTRAIN_PROGRESS=0`` / ``1`` turns the bar off / on whatever the stream. tqdm redraws at most every
+    ``mininterval`` (0.1 s), so a step costs one counter update.
+    """
 
     def __init__(self, max_str_len: int = 100):
         self.training_bar = None
         self.prediction_bar = None
         self.max_str_len = max_str_len
         self.current_step = 0
+        self.use_bar = wants_progress_bar()  # read now, so a bad FLYTRAIN_PROGRESS fails when the Trainer is made
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        self.use_bar = wants_progress_bar()
+        if state.is_world_process_zero and state.global_step > 0:
+            notice(resume_notice(state.global_step, state.max_steps, state.epoch))
+        if state.is_world_process_zero and self.use_bar:
             from tqdm.auto import tqdm
 
-            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, initial=state.global_step)
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, dynamic_ncols=True,
+                                     unit="step", desc="train", file=sys.stderr)
         self.current_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None:
+        if self.training_bar is not None:
             self.training_bar.update(state.global_step - self.current_step)
             self.current_step = state.global_step
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if not state.is_world_process_zero or eval_dataloader is None or not hasattr(eval_dataloader, "__len__"):
+        if not (self.use_bar and state.is_world_process_zero) or eval_dataloader is None:
+            return
+        if not hasattr(eval_dataloader, "__len__"):
             return
         if self.prediction_bar is None:
             from tqdm.auto import tqdm
 
-            self.prediction_bar = tqdm(
-                total=len(eval_dataloader), leave=self.training_bar is None, dynamic_ncols=True
-            )
+            self.prediction_bar = tqdm(total=len(eval_dataloader), leave=self.training_bar is None,
+                                       dynamic_ncols=True, unit="batch", desc="eval", file=sys.stderr)
         self.prediction_bar.update(1)
 
-    def _close_prediction_bar(self, state) -> None:
-        if state.is_world_process_zero and self.prediction_bar is not None:
+    def _close_prediction_bar(self) -> None:
+        if self.prediction_bar is not None:
             self.prediction_bar.close()
         self.prediction_bar = None
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self._close_prediction_bar(state)
+        self._close_prediction_bar()
 
     def on_predict(self, args, state, control, **kwargs):
-        self._close_prediction_bar(state)
+        self._close_prediction_bar()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs is not None:
-            shown = {k: (str(v)[: self.max_str_len] if isinstance(v, str) else v) for k, v in _format_logs(logs).items()}
-            self.training_bar.write(str(shown))
+        if not state.is_world_process_zero or logs is None:
+            return
+        line = format_log_line(logs, state.global_step, state.max_steps, self.max_str_len)
+        bar = self.training_bar
+        if bar is None:
+            print(line, flush=True)  # flushed: a pipe (DVC, a pod's log) shows each line as it comes
+            return
+        bar.write(line, file=sys.stdout)
+        if "loss" in logs or "learning_rate" in logs:
+            shown = {"loss": logs.get("loss"), "lr": logs.get("learning_rate")}
+            bar.set_postfix_str(", ".join(f"{k}={format_value(v)}" for k, v in shown.items() if v is not None),
+                                refresh=False)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None:
+    def _close_bars(self) -> None:
+        self._close_prediction_bar()
+        if self.training_bar is not None:
             self.training_bar.close()
             self.training_bar = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close_bars()
+
+    def on_train_error(self, args, state, control, error=None, **kwargs):
+        self._close_bars()  # the bar stays as it was; what follows (a traceback, a notice) starts on a new line
 
 
 class EarlyStoppingCallback(TrainerCallback, ExportableState):
@@ -167,6 +194,9 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
             return
         self.check_metric_value(args, state, control, metric_value)
         if self.early_stopping_patience_counter >= self.early_stopping_patience:
+            if not control.should_training_stop and state.is_world_process_zero:
+                notice(f"stopped early at step {state.global_step} (patience exhausted: {metric_to_check} did not "
+                       f"improve for {self.early_stopping_patience_counter} evaluations)")
             control.should_training_stop = True
 
     def state(self) -> dict:

@@ -11,6 +11,7 @@ import sys
 import time
 
 from .config import ConfigError, PipelineConfig
+from .interrupts import Interrupted, StepWatch, interrupted_notice, raise_on_interrupt_signals
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    restore_signals = raise_on_interrupt_signals()
+    watch = StepWatch()
     try:
         config = _config(args)  # before importing torch, so a bad params.yaml fails at once
         from . import pipeline
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = pipeline.prepare(config, args.data_dir)
             print(json.dumps(meta["sizes"]))
         elif args.stage == "train":
-            result = pipeline.train(config, args.data_dir, args.checkpoint_dir, args.model_dir)
+            result = pipeline.train(config, args.data_dir, args.checkpoint_dir, args.model_dir, callbacks=[watch])
             if args.metrics_file:
                 os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
                 shutil.copyfile(os.path.join(args.model_dir, "train_metrics.json"), args.metrics_file)
@@ -57,12 +60,28 @@ def main(argv: list[str] | None = None) -> int:
             metrics = pipeline.evaluate(config, args.data_dir, args.model_dir, args.out_dir)
             print(json.dumps(metrics))
         else:
-            metrics = pipeline.run(config, args.workdir)
+            metrics = pipeline.run(config, args.workdir, callbacks=[watch])
             print(f"test accuracy: {metrics['test_accuracy']:.4f} ({time.time() - started:.1f} s)")
+    except Interrupted as stop:
+        return _report_interruption(stop, args, watch)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        restore_signals()
     return 0
+
+
+def _report_interruption(stop: Interrupted, args: argparse.Namespace, watch: StepWatch) -> int:
+    """A Ctrl-C or SIGTERM: one line saying where training stopped and what was kept; exit status 128 + signal."""
+    checkpoint_dir = {"train": getattr(args, "checkpoint_dir", None),
+                      "run": os.path.join(getattr(args, "workdir", ""), "checkpoints")}.get(args.stage)
+    if args.stage in ("train", "run"):
+        message = interrupted_notice(watch, checkpoint_dir)
+    else:
+        message = f"interrupted during {args.stage}; run the same command to start it again"
+    print(message, file=sys.stderr, flush=True)
+    return stop.exit_status
 
 
 if __name__ == "__main__":

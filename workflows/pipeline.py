@@ -50,9 +50,9 @@ def accuracy_metrics(prediction) -> dict[str, float]:
 def training_arguments(config: PipelineConfig, output_dir: str, **overrides: Any) -> TrainingArguments:
     """TrainingArguments from the config's training section; an invalid value names its config key."""
     values = {k: v for k, v in config.to_dict()["training"].items() if k != "early_stopping_patience"}
-    # a fixed logging_dir (not the reference's time-stamped one) keeps training_args.json identical between runs
-    values.update(output_dir=output_dir, logging_dir=os.path.join(output_dir, "runs"), disable_tqdm=True,
-                  logging_first_step=True)
+    # a fixed logging_dir (not the reference's time-stamped one) keeps training_args.json identical between runs;
+    # the progress display is ProgressCallback's (a bar on a terminal, compact lines elsewhere)
+    values.update(output_dir=output_dir, logging_dir=os.path.join(output_dir, "runs"), logging_first_step=True)
     values.update(overrides)
     try:
         return TrainingArguments(**values)
@@ -288,9 +288,9 @@ def _write_curves(model_dir: str, out_dir: str) -> None:
                 f.write(",".join([str(entry["step"])] + [f"{entry.get(k, np.nan):.6f}" for k in eval_keys]) + "\n")
 
 
-def run(config: PipelineConfig, workdir: str) -> dict[str, float]:
+def run(config: PipelineConfig, workdir: str, callbacks: list | None = None) -> dict[str, float]:
     """The whole pipeline in ``workdir`` (data/, checkpoints/, model/, metrics/); returns the test metrics."""
     data_dir = os.path.join(workdir, "data")
     prepare(config, data_dir)
-    train(config, data_dir, os.path.join(workdir, "checkpoints"), os.path.join(workdir, "model"))
+    train(config, data_dir, os.path.join(workdir, "checkpoints"), os.path.join(workdir, "model"), callbacks=callbacks)
     return evaluate(config, data_dir, os.path.join(workdir, "model"), os.path.join(workdir, "metrics"))

@@ -1,0 +1,112 @@
+"""What a training prints: one compact line per log event, short notices, and whether a live progress bar fits.
+
+A console line is for a person watching: ``step``/``max_steps``, the epoch to 2 decimals, numbers to 4 significant
+digits, metrics grouped by their prefix (``eval: loss 0.08  accuracy 0.97``). Timing keys (``*_runtime``,
+``*_per_second``) and ``total_flos`` are left out of the line; they stay in ``state.log_history`` and the trackers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+#: keys left out of console lines (the step and epoch lead the line instead)
+HIDDEN_KEYS = frozenset({"total_flos", "epoch", "step"})
+HIDDEN_SUFFIXES = ("_runtime", "_per_second")
+#: metric prefixes shown as a group: evaluation, prediction and the end-of-training summary
+GROUPED_PREFIXES = ("eval", "test", "train")
+#: FLYTRAIN_PROGRESS: "auto" (a bar when stderr is a terminal or a notebook), "1" (always), "0" (never)
+PROGRESS_ENV = "FLYTRAIN_PROGRESS"
+
+
+def format_value(value: Any, max_str_len: int = 100) -> str:
+    """Floats to 4 significant digits; other values as text, strings cut at ``max_str_len``."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (bool, int)):
+        return str(value)
+    return str(value)[:max_str_len]
+
+
+def format_epoch(epoch: float) -> str:
+    """``7`` for 7.0, ``7.25`` for 7.25: an epoch as a person would say it."""
+    return f"{epoch:.2f}".rstrip("0").rstrip(".")
+
+
+def format_log_line(logs: Mapping[str, Any], global_step: int, max_steps: int = 0, max_str_len: int = 100) -> str:
+    """One console line for a log event, e.g. ``step  50/1710  epoch 0.88  loss 0.9313  learning_rate 0.000971``."""
+    if max_steps > 0:
+        parts = [f"step {global_step:>{len(str(max_steps))}}/{max_steps}"]
+    else:
+        parts = [f"step {global_step}"]
+    epoch = logs.get("epoch")
+    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
+        parts.append(f"epoch {epoch:.2f}")
+    groups: dict[str, list[str]] = {}
+    for key, value in logs.items():
+        if key in HIDDEN_KEYS or key.endswith(HIDDEN_SUFFIXES):
+            continue
+        prefix, _, name = key.partition("_")
+        if prefix in GROUPED_PREFIXES and name:
+            items = groups.setdefault(prefix, [])
+            # the loss leads its group, as it leads the training lines
+            items.insert(0 if name == "loss" else len(items), f"{name} {format_value(value, max_str_len)}")
+        else:
+            parts.append(f"{key} {format_value(value, max_str_len)}")
+    parts.extend(f"{prefix}: " + "  ".join(items) for prefix, items in groups.items())
+    return "  ".join(parts)
+
+
+def progress_mode() -> str:
+    """``FLYTRAIN_PROGRESS`` read once per training: "auto", "on" or "off"; anything else is a ValueError."""
+    raw = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("1", "true", "yes", "on"):
+        return "on"
+    if raw in ("0", "false", "no", "off"):
+        return "off"
+    raise ValueError(f"environment variable {PROGRESS_ENV}={raw!r}: expected 1 (a progress bar), 0 (log lines only) "
+                     "or auto (a bar when stderr is a terminal)")
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    if shell is None or "ipykernel" not in sys.modules:
+        return False
+    ipython = shell.get_ipython() if hasattr(shell, "get_ipython") else None
+    return type(ipython).__name__ == "ZMQInteractiveShell"
+
+
+def wants_progress_bar() -> bool:
+    """A live bar only where someone watches it: stderr is a terminal (or a notebook), unless FLYTRAIN_PROGRESS."""
+    mode = progress_mode()
+    if mode != "auto":
+        return mode == "on"
+    stream = sys.stderr
+    try:
+        interactive = stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        interactive = False
+    return interactive or _in_notebook()
+
+
+def notice(message: str) -> None:
+    """A one-line status message on stderr (above a live progress bar, if one is drawn)."""
+    if "tqdm" in sys.modules:  # a bar may be on screen: tqdm clears it, writes, and draws it again
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def resume_notice(global_step: int, max_steps: int, epoch: float | None) -> str:
+    """``resuming from checkpoint-280 (step 280 of 1200, epoch 7)``: checkpoints are named after their step."""
+    where = f"step {global_step} of {max_steps}"
+    if epoch is not None:
+        where += f", epoch {format_epoch(epoch)}"
+    return f"resuming from checkpoint-{global_step} ({where})"
