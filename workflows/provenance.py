@@ -16,6 +16,7 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from trainer_lib import TrainerCallback
 from trainer_lib.redaction import redact
@@ -144,9 +145,25 @@ def tracker_runs(callbacks: list) -> dict[str, dict[str, Any]]:
     return runs
 
 
+def _without_login(uri: Any) -> Any:
+    """A URI without its ``user:password@`` part."""
+    if not isinstance(uri, str) or "@" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if not parts.username and not parts.password:
+        return uri
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def clean(facts: dict[str, Any]) -> dict[str, Any]:
-    """The facts with every secret-looking key or value redacted (tracking URIs may carry credentials)."""
-    return redact(facts)
+    """The facts with every secret-looking key or value redacted and logins cut out of tracking URIs."""
+    out = redact(facts)
+    for run in (out.get("trackers") or {}).values():
+        if isinstance(run, dict) and "tracking_uri" in run:
+            run["tracking_uri"] = _without_login(run["tracking_uri"])
+    return out
 
 
 def write(facts: dict[str, Any], folder: str) -> str:
