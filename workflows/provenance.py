@@ -89,15 +89,13 @@ def dvc_experiment() -> str | None:
 
 
 def package_versions(modules: list[str]) -> dict[str, str]:
-    """python, torch, flytrain and the distributions providing ``modules`` (the trackers in use)."""
+    """python, torch, flytrain and the packages named by ``modules`` (the trackers in use), where installed."""
     versions = {"python": platform.python_version()}
-    distributions = metadata.packages_distributions()
-    for name in ["torch", "flytrain", *modules]:
-        for dist in distributions.get(name, [name]):
-            try:
-                versions[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
+    for name in dict.fromkeys(["torch", "flytrain", *modules]):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # an import name that differs from its distribution's
+            continue
     return versions
 
 
