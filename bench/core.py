@@ -1,18 +1,27 @@
 """Trainer vs a hand-written PyTorch loop on identical work (digits MLP 64-256-256-10, batch 32, AdamW 1e-3,
-constant LR, no clipping, no evaluation or checkpoints, logging every 50 steps)."""
+constant LR, no clipping, no evaluation or checkpoints, logging every 50 steps).
+
+Every side is timed the same way: from the start of its first step (data set, model, optimizer and loader already
+built: setup excluded) to the end of training (after the last log and every callback's ``on_train_end``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import pty
 import statistics
+import struct
 import tempfile
+import termios
+import threading
 import time
 
 import numpy as np
 import torch
 
-from trainer_lib import Trainer, TrainingArguments, set_seed
+from trainer_lib import Trainer, TrainerCallback, TrainingArguments, set_seed
 from workflows.data import ArrayDataset
 from workflows.models import MLPClassifier
 
@@ -31,17 +40,69 @@ def new_model() -> MLPClassifier:
     return MLPClassifier(64, 10, [256, 256], dropout=0.0)
 
 
+class TrainClock(TrainerCallback):
+    """From the first step's start to ``on_train_end`` (after the callbacks before it: integrations end there)."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@contextlib.contextmanager
+def console(terminal: bool):
+    """stdout and stderr as a user has them: a 120-column pseudo-terminal (a reader thread plays the terminal
+    emulator), or /dev/null, which like a pipe or a log file is not a terminal. Yields the stream."""
+    if not terminal:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield sink
+        return
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    stream = os.fdopen(slave, "w", buffering=1)
+
+    def drain() -> None:
+        while True:
+            try:
+                if not os.read(master, 65536):
+                    break
+            except OSError:  # EIO once the slave end is closed
+                break
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+            yield stream
+    finally:
+        stream.close()
+        reader.join()
+        os.close(master)
+
+
 def hand_loop(steps: int, sink) -> float:
-    """The loop a careful engineer writes by hand; returns steps per second."""
+    """The loop a careful engineer writes by hand; returns steps per second (from the first batch on)."""
     dataset = digits_dataset()
     model = new_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, collate_fn=lambda b: b)
-    start = time.perf_counter()
+    start = None
     step, running = 0, torch.zeros(())
     model.train()
     while step < steps:
         for batch in loader:
+            if start is None:
+                start = time.perf_counter()
             loss = model(**batch)["loss"]
             loss.backward()
             optimizer.step()
@@ -56,21 +117,20 @@ def hand_loop(steps: int, sink) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def trainer_run(steps: int, sink, **extra) -> float:
-    """The Trainer on the same work; returns optimizer steps per second of its training loop."""
+def trainer_run(steps: int, **extra) -> float:
+    """The Trainer on the same work with its default callbacks (the progress display included, as a user gets it
+    on whatever stdout/stderr are now); returns optimizer steps per second."""
     dataset = digits_dataset()
+    clock = TrainClock()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
             weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0, logging_steps=LOG_EVERY,
-            save_strategy="no", eval_strategy="no", disable_tqdm=True, **extra,
+            save_strategy="no", eval_strategy="no", **extra,
         )
-        trainer = Trainer(new_model(), args, train_dataset=dataset)
-        with contextlib.redirect_stdout(sink):
-            start = time.perf_counter()
-            trainer.train()
-            elapsed = time.perf_counter() - start
-    return steps / elapsed
+        trainer = Trainer(new_model(), args, train_dataset=dataset, callbacks=[clock])
+        trainer.train()
+    return steps / clock.seconds
 
 
 def paired(run_a, run_b, repeats: int) -> dict[str, float]:
@@ -92,11 +152,12 @@ def paired(run_a, run_b, repeats: int) -> dict[str, float]:
             "ratio_min": ratios[0], "ratio_max": ratios[-1]}
 
 
-def compare(steps: int = 2000, repeats: int = 7, **extra) -> dict[str, float]:
-    """Trainer vs hand loop, alternated; steps/s medians and the median per-pair ratio."""
-    with open(os.devnull, "w") as sink:
-        hand_loop(200, sink)  # warm-up: first optimizer use imports torch._dynamo
-        trainer_run(200, sink, **extra)
-        r = paired(lambda: hand_loop(steps, sink), lambda: trainer_run(steps, sink, **extra), repeats)
+def compare(steps: int = 2000, repeats: int = 7, terminal: bool = False, **extra) -> dict[str, float]:
+    """Trainer vs hand loop, alternated, both printing to a terminal or not; steps/s medians and the median
+    per-pair ratio. ``FLYTRAIN_PROGRESS`` must be unset (it would override the terminal detection)."""
+    with console(terminal) as stream:
+        hand_loop(200, stream)  # warm-up: first optimizer use imports torch._dynamo
+        trainer_run(200, **extra)
+        r = paired(lambda: hand_loop(steps, stream), lambda: trainer_run(steps, **extra), repeats)
     return {"hand_steps_per_s": r["a"], "trainer_steps_per_s": r["b"], "ratio": r["ratio"],
             "ratio_min": r["ratio_min"], "ratio_max": r["ratio_max"]}

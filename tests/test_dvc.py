@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,17 +79,18 @@ def write_params(repo: Path, changes: dict) -> None:
 
 
 def restore(repo: Path) -> None:
-    """Back to the committed baseline: git files, then DVC-tracked data, model and checkpoints from the cache."""
+    """Back to the committed baseline as a fresh clone has it: git files (the cache: false metrics, plots and DVCLive
+    logs), DVC-tracked data and model from the cache, no checkpoints (the train stage's untracked side folder)."""
     run(repo, "git", "reset", "--hard", "-q")
     run(repo, "git", "clean", "-fdq")
     run(repo, "dvc", "checkout", "--force", "-q")
+    for side in ("checkpoints", "checkpoints.previous"):
+        shutil.rmtree(repo / side, ignore_errors=True)
 
 
 def test_params_yaml_is_the_whole_default_config():
     """The DVC job is the default job: same schema and values as the Flyte workflow's default input."""
-    from workflows.config import PipelineConfig
-
-    from workflows.config import SearchConfig
+    from workflows.config import PipelineConfig, SearchConfig
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert raw.pop("search") == SearchConfig().to_dict()  # the search space: read by the tuning entry points only
@@ -116,20 +118,23 @@ def project(tmp_path_factory):
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "project")
     first = run(repo, "dvc", "repro")
+    checkpoints = [checkpoint_step(p) for p in list_checkpoints(str(repo / "checkpoints"))]
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")
-    return {"repo": repo, "first": first.stdout, "digests": digests(repo)}
+    return {"repo": repo, "first": first.stdout, "digests": digests(repo), "checkpoints": checkpoints,
+            "lock": (repo / "dvc.lock").read_bytes()}
 
 
 def test_repro_writes_outputs_and_a_second_repro_does_nothing(project):
     repo = project["repo"]
+    restore(repo)
     for stage in ("prepare", "train", "evaluate"):
         assert f"Running stage '{stage}'" in project["first"]
     assert resumed_from(project["first"]) == [None]
     assert sorted(p.name for p in (repo / "data" / "prepared").iterdir()) == [
         "meta.json", "test.npz", "train.npz", "val.npz"]
     assert (repo / "models" / "model" / "model.safetensors").stat().st_size > 0
-    assert [checkpoint_step(p) for p in list_checkpoints(str(repo / "checkpoints"))][-1] == MAX_STEPS
+    assert project["checkpoints"][-1] == MAX_STEPS
     train = json.loads((repo / "metrics" / "train.json").read_text())
     assert train["global_step"] == MAX_STEPS
     assert json.loads((repo / "metrics" / "metrics.json").read_text())["test_accuracy"] > 0.8
@@ -138,9 +143,12 @@ def test_repro_writes_outputs_and_a_second_repro_does_nothing(project):
     # each stage records exactly the params it reads
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert list(lock["prepare"]["params"]["params.yaml"]) == ["data"]
-    assert sorted(lock["train"]["params"]["params.yaml"]) == ["model", "training"]
-    assert list(lock["evaluate"]["params"]["params.yaml"]) == ["training.per_device_eval_batch_size"]
+    assert sorted(lock["train"]["params"]["params.yaml"]) == ["model.dropout", "model.hidden_sizes", "training"]
+    assert sorted(lock["evaluate"]["params"]["params.yaml"]) == [
+        "model.registered_alias", "model.registered_name", "training.per_device_eval_batch_size",
+        "training.strict_integrations"]
 
+    # no checkpoints here (as in a fresh clone): they are not an output, so nothing is out of date
     again = run(repo, "dvc", "repro").stdout
     assert "Data and pipelines are up to date" in again
     assert "Running stage" not in again
@@ -149,19 +157,35 @@ def test_repro_writes_outputs_and_a_second_repro_does_nothing(project):
 
 def test_metrics_show_and_plots_show(project, tmp_path):
     repo = project["repo"]
+    restore(repo)
     shown = json.loads(run(repo, "dvc", "metrics", "show", "--json").stdout)
     metrics = next(iter(shown.values()))["data"]
     evaluated = json.loads((repo / "metrics" / "metrics.json").read_text())
     assert metrics["metrics/metrics.json"]["data"]["test_accuracy"] == evaluated["test_accuracy"]
     assert metrics["metrics/train.json"]["data"]["global_step"] == MAX_STEPS
+    live = metrics["dvclive/metrics.json"]["data"]  # DVCLive's summary: the last logged values, no timings
+    assert live["step"] == MAX_STEPS and 0 < live["eval"]["accuracy"] <= 1 and "runtime" not in live["eval"]
 
     listing = json.loads(run(repo, "dvc", "plots", "show", "--json").stdout)
+    assert not listing.get("errors"), listing["errors"]
     plots = listing.get("data", listing)
-    assert set(plots) == {"Training loss", "Learning rate", "Validation", "Test confusion matrix"}
-    assert not listing.get("errors")
+    images = {f"metrics/plots/{name}" for name in ("loss.svg", "accuracy.svg", "learning_rate.svg", "confusion.svg")}
+    live_plots = {f"dvclive/plots/metrics/{name}.tsv" for name in ("train/loss", "eval/loss", "eval/accuracy")}
+    assert {"Training loss", "Learning rate", "Validation loss", "Validation accuracy",
+            "Test confusion matrix"} | images | live_plots <= set(plots), sorted(plots)
+    assert all(plots[name][0]["type"] == "image" for name in images)
+    assert not any("runtime" in name or "per_second" in name for name in plots)
+
     run(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "Test confusion matrix" in html and "eval_accuracy" in html and '"predicted"' in html
+    # the static charts are embedded as local images: they render on a machine with no network
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    assert len(sources) == len(images), sources
+    for source in sources:
+        assert "://" not in source and not source.startswith("//")
+        svg = (tmp_path / "plots" / source).read_text()
+        assert svg.startswith("<svg") and "http" not in svg.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
 def test_a_training_param_change_reruns_train_and_evaluate_but_not_prepare(project):
@@ -178,6 +202,17 @@ def test_a_training_param_change_reruns_train_and_evaluate_but_not_prepare(proje
     assert digests(repo)["models/model/model.safetensors"] != project["digests"]["models/model/model.safetensors"]
 
 
+def test_a_forced_repro_of_the_same_run_leaves_dvc_lock_and_status_unchanged(project):
+    repo = project["repo"]
+    restore(repo)
+    output = run(repo, "dvc", "repro", "--force").stdout
+    assert "Running stage 'train'" in output and resumed_from(output) == [None]
+    assert digests(repo) == project["digests"]
+    assert (repo / "dvc.lock").read_bytes() == project["lock"]
+    assert json.loads(run(repo, "dvc", "status", "--json").stdout) == {}
+    assert run(repo, "git", "status", "--porcelain").stdout == ""  # metrics, plots and DVCLive logs: same bytes
+
+
 @pytest.mark.slow
 def test_repro_force_twice_gives_byte_identical_model_and_metrics(project):
     repo = project["repo"]
@@ -187,12 +222,13 @@ def test_repro_force_twice_gives_byte_identical_model_and_metrics(project):
         assert "Running stage 'train'" in output
         assert resumed_from(output) == [None]  # a finished run is trained again from scratch, not resumed
         assert digests(repo) == project["digests"]
+        assert (repo / "dvc.lock").read_bytes() == project["lock"]
 
 
 def test_an_interrupted_repro_resumes_from_its_last_checkpoint(project, tmp_path):
     repo = project["repo"]
     restore(repo)
-    shutil.rmtree(repo / "checkpoints")  # a fresh training run, as in a new clone
+    assert not (repo / "checkpoints").exists()  # a fresh training run, as in a new clone
     log_path = tmp_path / "interrupted.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=_env(), stdout=log,
@@ -213,7 +249,11 @@ def test_an_interrupted_repro_resumes_from_its_last_checkpoint(project, tmp_path
     output = run(repo, "dvc", "repro").stdout
     (start,) = resumed_from(output)
     assert start is not None and checkpoint_step(start) >= max(saved) and checkpoint_step(start) < MAX_STEPS
-    # the resumed model is the uninterrupted one (evaluate runs again: provenance.json records the new attempt)
+    step = checkpoint_step(start)
+    assert re.search(rf"^resuming from checkpoint-{step} \(step {step} of {MAX_STEPS}, epoch [0-9.]+\)$", output,
+                     re.MULTILINE), output  # the stage says so before training
+    # the resumed model is the uninterrupted one (provenance.json, which records the attempt, is out of its hash)
+    assert "Stage 'evaluate' didn't change, skipping" in output
     assert digests(repo) == project["digests"]
 
 
@@ -229,6 +269,9 @@ def test_exp_run_with_a_set_param_is_listed_by_exp_show(project):
     metrics = found[0]["metrics"]["metrics/metrics.json"]["data"]
     assert metrics == json.loads((repo / "metrics" / "metrics.json").read_text())  # applied to the workspace
     assert metrics["test_accuracy"] > 0.8
+    live = found[0]["metrics"]["dvclive/metrics.json"]["data"]  # DVCLive's summary is an experiment column too
+    assert live == json.loads((repo / "dvclive" / "metrics.json").read_text())
+    assert live["step"] == MAX_STEPS and live["train"]["learning_rate"] == pytest.approx(0.0)
 
 
 def _blobs(n: int, seed: int) -> str:

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--checkpoint-dir", default="checkpoints")
     t.add_argument("--model-dir", default="models/model")
     t.add_argument("--metrics-file", help="also copy the train summary (train_metrics.json) here, e.g. a DVC metric")
+    t.add_argument("--dvclive-dir", help="also log with DVCLive into this folder (the DVC stage's declared output)")
     e = sub.add_parser("evaluate", help="test-set metrics, confusion matrix and curves")
     e.add_argument("--data-dir", default="data/prepared")
     e.add_argument("--model-dir", default="models/model")
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             meta = pipeline.prepare(config, args.data_dir)
             print(json.dumps(meta["sizes"]))
         elif args.stage == "train":
-            result = pipeline.train(config, args.data_dir, args.checkpoint_dir, args.model_dir, callbacks=[watch])
+            live, overrides = _dvclive(config, args.dvclive_dir)
+            result = pipeline.train(config, args.data_dir, args.checkpoint_dir, args.model_dir,
+                                    callbacks=[watch, *live], **overrides)
             if args.metrics_file:
                 os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
                 shutil.copyfile(os.path.join(args.model_dir, "train_metrics.json"), args.metrics_file)
@@ -70,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore_signals()
     return 0
+
+
+def _dvclive(config: PipelineConfig, live_dir: str | None) -> tuple[list, dict]:
+    if not live_dir:
+        return [], {}
+    from .dvc_stage import dvclive_setup
+
+    return dvclive_setup(config, live_dir)
 
 
 def _report_interruption(stop: Interrupted, args: argparse.Namespace, watch: StepWatch) -> int:

@@ -21,7 +21,7 @@ from trainer_lib.checkpoint import load_weights
 from trainer_lib.distributed import broadcast_object
 
 from . import data as data_lib
-from . import provenance, registry
+from . import plots, provenance, registry
 from .config import ConfigError, PipelineConfig
 from .models import build_model
 
@@ -232,7 +232,8 @@ def load_model(model_dir: str):
 
 
 def evaluate(config: PipelineConfig, data_dir: str, model_dir: str, out_dir: str) -> dict[str, float]:
-    """Test-set metrics (metrics.json), a confusion matrix (confusion.csv) and training curves (CSV) in ``out_dir``."""
+    """Test-set metrics (metrics.json), a confusion matrix (confusion.csv), training curves (CSV) and static charts
+    (plots/*.svg, workflows.plots) in ``out_dir``."""
     model = load_model(model_dir)
     meta = data_lib.read_meta(data_dir)
     test = data_lib.load_split(data_dir, "test")
@@ -256,6 +257,9 @@ def evaluate(config: PipelineConfig, data_dir: str, model_dir: str, out_dir: str
         for actual, guess in zip(prediction.label_ids.tolist(), predicted.tolist()):
             f.write(f"{classes[actual]},{classes[guess]}\n")
     _write_curves(model_dir, out_dir)
+    with open(os.path.join(model_dir, "log_history.json"), encoding="utf-8") as f:
+        history = json.load(f)
+    plots.write_plots(history, prediction.label_ids.tolist(), predicted.tolist(), classes, os.path.join(out_dir, "plots"))
     shutil.rmtree(args.output_dir, ignore_errors=True)
     _report(config, model_dir, out_dir, metrics, test.x[:5].numpy())
     return metrics
