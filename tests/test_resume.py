@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from tests.helpers import accuracy, digits, make_model
+from tests.reliability.hostile import StepCounter
 from trainer_lib import CheckpointError, EarlyStoppingCallback, Trainer, TrainingArguments
 from trainer_lib.checkpoint import load_weights
 
@@ -48,15 +50,19 @@ def assert_same_run(a: Trainer, b: Trainer):
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
-def test_resume_mid_epoch_is_bit_exact(tmp_path, asynchronous):
+def test_resume_mid_epoch_is_bit_exact(tmp_path, asynchronous, caplog):
     full = make_trainer(tmp_path / "full", async_checkpointing=asynchronous)
     full.train()
     # 200 samples / 16 = 13 micro-batches per epoch, gas 2 → 7 updates per epoch; step 10 is mid epoch 2
     partial_dir = tmp_path / "partial"
     shutil.copytree(tmp_path / "full" / "checkpoint-10", partial_dir / "checkpoint-10")
-    resumed = make_trainer(partial_dir, async_checkpointing=asynchronous)
-    resumed.train(resume_from_checkpoint=str(partial_dir / "checkpoint-10"))
+    counter = StepCounter()
+    resumed = make_trainer(partial_dir, async_checkpointing=asynchronous, callbacks=[counter])
+    with caplog.at_level(logging.INFO, logger="trainer_lib"):
+        resumed.train(resume_from_checkpoint=str(partial_dir / "checkpoint-10"))
     assert resumed.state.global_step == full.state.global_step == 21
+    assert counter.steps == 21 - 10  # it continued from step 10, it did not train again from scratch
+    assert f"Resuming from {partial_dir / 'checkpoint-10'} at global step 10" in caplog.text
     assert_same_run(full, resumed)
 
 
@@ -69,9 +75,13 @@ def test_resume_true_takes_the_newest_valid_checkpoint(tmp_path, caplog):
     # damage the newest one: resume must fall back to checkpoint-10 with a warning naming the file
     weights = out / "checkpoint-15" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    resumed = make_trainer(out)
-    resumed.train(resume_from_checkpoint=True)
+    counter = StepCounter()
+    resumed = make_trainer(out, callbacks=[counter])
+    with caplog.at_level(logging.INFO, logger="trainer_lib"):
+        resumed.train(resume_from_checkpoint=True)
     assert "checkpoint-15" in caplog.text and "model.safetensors" in caplog.text
+    assert f"Resuming from {out / 'checkpoint-10'} at global step 10" in caplog.text
+    assert counter.steps == 21 - 10
     assert_same_run(full, resumed)
 
 
@@ -165,12 +175,14 @@ def test_early_stopping_counter_survives_resume(tmp_path):
     resumed = make_trainer(tmp_path, callbacks=[es2], eval_steps=1, save_steps=1, max_steps=6,
                            greater_is_better=False, metric_for_best_model="loss", learning_rate=1.0)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert counter > 0  # a counter of 0 would survive a resume that restores nothing
     assert es2.early_stopping_patience_counter == counter
 
 
 KILL_SCRIPT = r"""
-import sys, time
+import logging, sys, time
 sys.path.insert(0, {root!r})
+from tests.reliability.hostile import StepCounter
 from tests.test_resume import make_trainer
 from trainer_lib import TrainerCallback
 
@@ -178,8 +190,11 @@ class Slow(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         time.sleep(0.05)
 
-t = make_trainer(sys.argv[1], callbacks=[Slow()], save_steps=3, async_checkpointing=sys.argv[3] == "async")
+logging.basicConfig(level=logging.INFO)
+counter = StepCounter()
+t = make_trainer(sys.argv[1], callbacks=[Slow(), counter], save_steps=3, async_checkpointing=sys.argv[3] == "async")
 t.train(resume_from_checkpoint=(sys.argv[2] == "resume") or None)
+print("OPTIMIZER_STEPS", counter.steps)
 """
 
 
@@ -196,9 +211,15 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, kill_after_checkpoin
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(out.glob("checkpoint-*")), "no checkpoint was written before the kill"
-    subprocess.run([sys.executable, str(script), str(out), "resume", mode], check=True)
+    assert proc.wait() == -signal.SIGKILL, "the child was not killed by SIGKILL (it finished first)"
+    at_kill = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert at_kill, "no checkpoint was written before the kill"
+    assert 21 not in at_kill, "the run had finished its last checkpoint: the kill tests no resume"
+    k = at_kill[-1]
+    done = subprocess.run([sys.executable, str(script), str(out), "resume", mode], check=True, capture_output=True,
+                          text=True)
+    assert f"Resuming from {out / f'checkpoint-{k}'} at global step {k}" in done.stderr
+    assert f"OPTIMIZER_STEPS {21 - k}" in done.stdout  # exactly the steps after checkpoint-k
     full = make_trainer(tmp_path / "full", save_steps=3)
     full.train()
     final = json.loads((out / "checkpoint-21" / "trainer_state.json").read_text())

@@ -16,13 +16,16 @@ from collections.abc import Callable
 
 import torch
 
+from trainer_lib.checkpoint import checkpoint_step, list_checkpoints
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING = ("_runtime", "_per_second")
 
 # A small real training; FLYTRAIN_KILL="<phase>:<step>" makes the process SIGKILL itself at that moment.
 TRAIN_SCRIPT = r"""
-import os, signal, sys
+import logging, os, signal, sys
 sys.path.insert(0, {root!r})
+logging.basicConfig(level=logging.INFO)  # the resumed process announces the checkpoint it continues from
 from tests.helpers import accuracy, digits, make_model
 from trainer_lib import Trainer, TrainerCallback, TrainingArguments
 import trainer_lib.checkpoint as ckpt
@@ -35,7 +38,10 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 class Killer(TrainerCallback):
-    pass
+    steps = 0
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        Killer.steps += 1  # this process's own optimizer steps: a resume from step k makes MAX_STEPS - k
 
 for event in ("on_step_begin", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end",
               "on_log", "on_evaluate", "on_save", "on_epoch_end"):
@@ -69,6 +75,7 @@ trainer = Trainer(model, args, train_dataset=train, eval_dataset=evaluation, com
                   callbacks=[Killer()])
 trainer.train(resume_from_checkpoint=True if resume else None)
 trainer.save_model(os.path.join(out, "final"))
+print("OPTIMIZER_STEPS", Killer.steps)
 """
 
 PHASES = ("on_step_begin", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log",
@@ -103,8 +110,13 @@ def _final_state(out: str) -> tuple[dict, list]:
 
 
 def kill_nine_trials(n: int, seed: int = 0, mode: str = "sync", extra_env: dict | None = None,
-                     after_trial: Callable[[str, str], str | None] | None = None) -> list[tuple[str, bool, str]]:
-    """R1: SIGKILL a training at ``n`` random (phase, step) moments; each must resume to the uninterrupted result."""
+                     after_trial: Callable[[str, str], str | None] | None = None,
+                     redraws: int = 3) -> list[tuple[str, bool, str]]:
+    """R1: SIGKILL a training at ``n`` random (phase, step) moments; each must resume to the uninterrupted result.
+
+    A trial counts only when it tests a resume: the kill (signal 9) came after the first checkpoint and before the
+    last one; one that did not is drawn again (up to ``redraws`` times) and named in the detail. The resumed
+    process must announce the newest checkpoint present at the kill and make exactly the steps after it."""
     rng = random.Random(seed)
     results = []
     with tempfile.TemporaryDirectory() as work:
@@ -116,19 +128,30 @@ def kill_nine_trials(n: int, seed: int = 0, mode: str = "sync", extra_env: dict 
         ref_weights, ref_history = _final_state(ref_dir)
         for i in range(n):
             phase = PHASES[i % len(PHASES)] if i < len(PHASES) else rng.choice(PHASES)
-            step = rng.randint(1, MAX_STEPS - 1)
-            if phase in ("on_save", "mid_write", "before_rename"):
-                step = rng.choice(range(3, MAX_STEPS, 3))
-            if phase == "on_evaluate":
-                step = rng.choice(range(5, MAX_STEPS, 5))
-            case = f"{phase}@{step}"
-            out = os.path.join(work, f"trial{i}")
-            killed = _run(script, out, False, mode, f"{phase}:{step}", extra_env)
+            outside: list[str] = []
+            for attempt in range(redraws + 1):
+                if attempt:
+                    phase = rng.choice(PHASES)
+                step = rng.randint(1, MAX_STEPS - 1)
+                if phase in ("on_save", "mid_write", "before_rename"):
+                    step = rng.choice(range(3, MAX_STEPS, 3))
+                if phase == "on_evaluate":
+                    step = rng.choice(range(5, MAX_STEPS, 5))
+                case = f"{phase}@{step}"
+                out = os.path.join(work, f"trial{i}-{attempt}")
+                killed = _run(script, out, False, mode, f"{phase}:{step}", extra_env)
+                at_kill = [checkpoint_step(p) for p in list_checkpoints(out)]
+                if killed.returncode == -9 and at_kill and MAX_STEPS not in at_kill:
+                    break
+                outside.append(f"{case} (rc={killed.returncode}, checkpoints {at_kill})")
             if killed.returncode != -9:
                 results.append((case, False, f"was not killed (rc={killed.returncode}): {killed.stderr[-500:]}"))
                 continue
-            has_checkpoint = any(n.startswith("checkpoint-") for n in os.listdir(out)) if os.path.isdir(out) else False
-            resumed = _run(script, out, has_checkpoint, mode, None, extra_env)
+            if not at_kill or MAX_STEPS in at_kill:
+                results.append((case, False, f"no draw fell between the first and the last checkpoint: {outside}"))
+                continue
+            k = at_kill[-1]
+            resumed = _run(script, out, True, mode, None, extra_env)
             if resumed.returncode != 0:
                 results.append((case, False, f"resume failed: {resumed.stderr[-800:]}"))
                 continue
@@ -137,6 +160,11 @@ def kill_nine_trials(n: int, seed: int = 0, mode: str = "sync", extra_env: dict 
                 torch.equal(weights[k], ref_weights[k]) for k in weights)
             steps = [e["step"] for e in history if "loss" in e]
             problems = []
+            if f"Resuming from {os.path.join(out, f'checkpoint-{k}')} at global step {k}" not in resumed.stderr:
+                problems.append(f"the resumed process did not announce checkpoint-{k}")
+            if f"OPTIMIZER_STEPS {MAX_STEPS - k}" not in resumed.stdout:
+                problems.append(f"the resumed process did not make exactly {MAX_STEPS - k} steps: "
+                                f"{resumed.stdout.strip().splitlines()[-1:]}")
             if not same_weights:
                 problems.append("final weights differ")
             if history != ref_history:
@@ -147,7 +175,9 @@ def kill_nine_trials(n: int, seed: int = 0, mode: str = "sync", extra_env: dict 
                 extra = after_trial(case, out)
                 if extra:
                     problems.append(extra)
-            results.append((case, not problems, "; ".join(problems) or "resumed bit-exactly"))
+            redrawn = f" (redrawn after {outside})" if outside else ""
+            results.append((f"{case} from checkpoint-{k}", not problems,
+                            ("; ".join(problems) or "resumed bit-exactly") + redrawn))
     return results
 
 
@@ -175,17 +205,21 @@ class _Payload:
         return (os.system, (f"touch {os.path.join(tempfile.gettempdir(), 'flytrain-pwned')}",))
 
 
-DAMAGES: dict[str, Callable[[str], None]] = {
-    "truncated weights": lambda ck: open(os.path.join(ck, "model.safetensors"), "r+b").truncate(64),
-    "deleted optimizer": lambda ck: os.remove(os.path.join(ck, "optimizer.safetensors")),
-    "flipped bytes in weights": lambda ck: _flip(os.path.join(ck, "model.safetensors")),
-    "flipped bytes in optimizer": lambda ck: _flip(os.path.join(ck, "optimizer.safetensors")),
-    "missing trainer_state.json": lambda ck: os.remove(os.path.join(ck, "trainer_state.json")),
-    "missing manifest (partial)": lambda ck: os.remove(os.path.join(ck, "manifest.json")),
-    "empty rng state": lambda ck: open(os.path.join(ck, "rng_state.pt"), "w").close(),
-    "garbage trainer_state.json (manifest rewritten)": lambda ck: (
+#: damage → (what it does, the file the warning must name)
+DAMAGES: dict[str, tuple[Callable[[str], None], str]] = {
+    "truncated weights": (lambda ck: open(os.path.join(ck, "model.safetensors"), "r+b").truncate(64),
+                          "model.safetensors"),
+    "deleted optimizer": (lambda ck: os.remove(os.path.join(ck, "optimizer.safetensors")), "optimizer.safetensors"),
+    "flipped bytes in weights": (lambda ck: _flip(os.path.join(ck, "model.safetensors")), "model.safetensors"),
+    "flipped bytes in optimizer": (lambda ck: _flip(os.path.join(ck, "optimizer.safetensors")),
+                                   "optimizer.safetensors"),
+    "missing trainer_state.json": (lambda ck: os.remove(os.path.join(ck, "trainer_state.json")),
+                                   "trainer_state.json"),
+    "missing manifest (partial)": (lambda ck: os.remove(os.path.join(ck, "manifest.json")), "manifest.json"),
+    "empty rng state": (lambda ck: open(os.path.join(ck, "rng_state.pt"), "w").close(), "rng_state.pt"),
+    "garbage trainer_state.json (manifest rewritten)": (lambda ck: (
         open(os.path.join(ck, "trainer_state.json"), "w").write("{not json"),
-        _rewrite_manifest(ck, "trainer_state.json")),
+        _rewrite_manifest(ck, "trainer_state.json")), "trainer_state.json"),
 }
 
 
@@ -196,41 +230,42 @@ def _flip(path: str) -> None:
 
 
 def damaged_checkpoint_trials() -> list[tuple[str, bool, str]]:
-    """R2: each damage → resume=True falls back to the previous checkpoint with a warning; an explicit path errors."""
-    import logging
-
+    """R2: each damage to checkpoint-8 → an explicit path is refused naming it; resume=True warns naming the damaged
+    file, announces checkpoint-4 and makes exactly the 4 steps after it."""
     from tests.helpers import digits, make_model
+    from tests.reliability.hostile import LogRecords, StepCounter
     from trainer_lib import CheckpointError, Trainer, TrainingArguments
 
     results = []
-    for name, damage in DAMAGES.items():
+    for name, (damage, damaged_file) in DAMAGES.items():
         with tempfile.TemporaryDirectory() as work:
             ck = _make_checkpoint(work)
             damage(ck)
-            records: list[str] = []
-            handler = logging.Handler()
-            handler.emit = records.append
-            logging.getLogger("trainer_lib").addHandler(handler)
+            problems = []
+            train, _ = digits(64, 8)
+            args = TrainingArguments(output_dir=work, per_device_train_batch_size=16, max_steps=8, save_steps=4,
+                                     disable_tqdm=True)
             try:
-                train, _ = digits(64, 8)
-                args = TrainingArguments(output_dir=work, per_device_train_batch_size=16, max_steps=8, save_steps=4,
-                                         disable_tqdm=True)
-                explicit_ok = False
-                try:
-                    Trainer(make_model(), args, train_dataset=train).train(resume_from_checkpoint=ck)
-                except CheckpointError as error:
-                    explicit_ok = "checkpoint-8" in str(error)
-                trainer = Trainer(make_model(), args, train_dataset=train)
-                fell_back = False
+                Trainer(make_model(), args, train_dataset=train).train(resume_from_checkpoint=ck)
+                problems.append("the explicit path was accepted")
+            except CheckpointError as error:
+                if "checkpoint-8" not in str(error):
+                    problems.append(f"the error does not name checkpoint-8: {error}")
+            counter = StepCounter()
+            with LogRecords() as logs:
+                trainer = Trainer(make_model(), args, train_dataset=train, callbacks=[counter])
                 try:
                     trainer.train(resume_from_checkpoint=True)
-                    fell_back = any("checkpoint-8" in r.getMessage() for r in records) and trainer.state.global_step == 8
                 except CheckpointError as error:
-                    records.append(logging.makeLogRecord({"msg": f"resume=True raised: {error}"}))
-            finally:
-                logging.getLogger("trainer_lib").removeHandler(handler)
-            held = explicit_ok and fell_back
-            results.append((name, held, "refused by path, skipped by resume=True" if held else "; ".join(r.getMessage() for r in records)[-400:]))
+                    problems.append(f"resume=True raised: {error}")
+            if not any("checkpoint-8" in m and damaged_file in m for m in logs.messages):
+                problems.append(f"no warning named {damaged_file} of checkpoint-8")
+            if f"Resuming from {os.path.join(work, 'checkpoint-4')} at global step 4" not in logs.messages:
+                problems.append("did not announce checkpoint-4")
+            if counter.steps != 4:
+                problems.append(f"made {counter.steps} steps, not the 4 after checkpoint-4")
+            results.append((name, not problems, "; ".join(problems)[-400:] or
+                            f"refused by path; resume=True named {damaged_file} and resumed from checkpoint-4"))
     return results
 
 

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.reliability import bad_inputs, checks, trackers_faults
+from tests.reliability import bad_inputs, checks, hostile, trackers_faults
 
 Trial = tuple[str, bool, str]
 
@@ -100,6 +100,12 @@ def _figures(private_server: Callable[[], object], shared) -> list[tuple[str, Ca
          lambda: trackers_faults.canary_trials(shared.uri, str(shared.root))),
         ("R7 4 concurrent trainings on one MLflow server",
          lambda: trackers_faults.concurrent_mlflow_trials(shared.uri, processes=4, steps=50)),
+        ("R8 tampered checkpoint content, manifest agreeing", hostile.tampered_content_trials),
+        ("R9 callback-state injection, tracker run ids round-trip",
+         lambda: hostile.injection_trials() + hostile.tracker_state_round_trip()),
+        ("R10 non-finite loss / gradient norm, settings", hostile.nonfinite_trials),
+        ("R11 tied weights (sync, async, save_model)", hostile.tied_weights_trials),
+        ("R12 background-write errors, temporary folders", hostile.async_error_trials),
     ]
 
 

@@ -36,3 +36,14 @@ def test_tied_weights_checkpoint_resume_bit_exactly_and_save_in_sync_and_async_m
 
 def test_background_write_errors_surface_and_live_writers_folders_are_never_removed():
     _assert_all_held(hostile.async_error_trials(), 6)
+
+
+def test_a_checkpoint_beyond_this_runs_step_budget_is_refused_naming_global_step(tmp_path):
+    import pytest
+
+    from trainer_lib import CheckpointError
+
+    hostile.small_trainer(str(tmp_path / "src")).train()  # checkpoint-8 of a run of 8 steps
+    shorter = hostile.small_trainer(str(tmp_path / "short"), max_steps=6)
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: global_step must be an integer in \[0, 6\], got 8"):
+        shorter.train(resume_from_checkpoint=str(tmp_path / "src" / "checkpoint-8"))
