@@ -10,7 +10,7 @@ import platform
 
 import torch
 
-ROWS = ("core", "trackers", "reference", "stall", "resume", "import", "eval", "flyte")
+ROWS = ("core", "trackers", "reference", "stall", "resume", "import", "eval", "flyte", "tuning")
 
 
 def _row(name: str, ours: str, theirs: str, ratio: float, target: str) -> str:
@@ -94,6 +94,14 @@ def main() -> None:
                    f"{r['plain_s']:.1f} s", r["ratio"], f"<= 1.5x (pairs {r['ratio_min']:.2f}-{r['ratio_max']:.2f})"),
               flush=True)
         print(f"| 8. cached rerun of the same pyflyte run | {r['cached_s']:.1f} s | | | <= 5 s |", flush=True)
+    if "tuning" in rows:
+        from . import tuning
+
+        r = tuning.compare()
+        print(_row("9. local Flyte tuning workflow, 4 trials x 300 steps (2 rounds of 2)",
+                   f"{r['workflow_trials_per_min']:.1f} trials/min", f"plain loop over pipeline.train "
+                   f"{r['loop_trials_per_min']:.1f} trials/min", r["ratio"],
+                   f">= 0.8x (pairs {r['ratio_min']:.2f}-{r['ratio_max']:.2f})"), flush=True)
 
 
 if __name__ == "__main__":

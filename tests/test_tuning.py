@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -96,3 +97,162 @@ def test_search_needs_model_init_and_a_known_backend(tmp_path):
     trainer = Trainer(args=args, model_init=lambda: make_model(), train_dataset=train, eval_dataset=val)
     with pytest.raises(ValueError, match="backend 'ray' is not supported"):
         trainer.hyperparameter_search(n_trials=1, backend="ray")
+
+
+# -- the Flyte tuning workflow ------------------------------------------------------------------------------------
+#: 2 rounds x 2 trials over a grid of hidden sizes; 2**58 units cannot be allocated: that trial fails at once
+HUGE = 2**58
+TUNING_CONFIG = {
+    "model": {"hidden_sizes": [32]},
+    "training": {"max_steps": 20, "logging_steps": 10, "eval_strategy": "steps", "eval_steps": 10,
+                 "save_strategy": "steps", "save_steps": 10, "report_to": ["mlflow"]},
+}
+TUNING_SEARCH = {
+    "sampler": "grid", "n_trials": 4, "parallelism": 2, "seed": 0, "min_success_ratio": 0.5,
+    "params": {"model.hidden_sizes": {"type": "categorical", "choices": [[8], [24], [HUGE], [48]]}},
+}
+
+
+def _trained(stderr: str) -> list[int]:
+    """Trial numbers whose training started in a pyflyte run (from the tuning task's log lines)."""
+    return [int(n) for n in re.findall(r"workflows\.tuning: trial-(\d+): training", stderr)]
+
+
+def test_tuning_workflow_survives_a_failed_trial_resumes_without_retraining_and_nests_mlflow_runs(tmp_path, mlflow_server):
+    """2 rounds x 2 trials, one failing; interrupted in round 2 and run again: round 1 is not trained again, the best
+    trial is the one with the best validation accuracy, and every trial is a child of one MLflow study run."""
+    from mlflow import MlflowClient
+
+    from tests.flyte_helpers import BIN, flyte_env, run_until
+    from workflows import search as study_file
+    from workflows.config import SearchConfig
+
+    env = flyte_env(tmp_path, FLYTE_LOCAL_CACHE_ENABLED="true", MLFLOW_TRACKING_URI=mlflow_server,
+                    MLFLOW_EXPERIMENT_NAME=f"tuning-{tmp_path.name}")
+    cmd = [os.path.join(BIN, "pyflyte"), "run", "workflows/tuning.py", "tuning_workflow",
+           "--config", json.dumps(TUNING_CONFIG), "--search", json.dumps(TUNING_SEARCH),
+           "--workdir", str(tmp_path / "work")]
+    stderr_path = tmp_path / "first" / "stderr.txt"
+
+    def round_two_started() -> bool:
+        return stderr_path.exists() and len(_trained(stderr_path.read_text(errors="replace"))) >= 3
+
+    first = run_until(cmd, env, str(tmp_path / "first"), round_two_started)
+    assert first.signalled, first.stderr[-3000:]
+    round_one = _trained(first.stderr)[:2]
+
+    second = run_until(cmd, env, str(tmp_path / "second"), None)
+    assert second.returncode == 0, second.stderr[-3000:]
+    retrained = _trained(second.stderr)
+    assert sorted(round_one + retrained) == [0, 1, 2, 3]  # round 1 came from Flyte's cache, round 2 ran
+
+    # the study: one failed trial, the best is the complete trial with the highest validation accuracy
+    search = SearchConfig.from_dict(TUNING_SEARCH)
+    study_path = re.search(r"study=(\S+?\.log)", second.stdout).group(1)
+    trials = study_file.trials(search, study_path)
+    failed = [t for t in trials if t["state"] == "FAIL"]
+    assert [t["params"]["model.hidden_sizes"] for t in failed] == [[HUGE]]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    assert len(complete) == 3
+    best = max(complete, key=lambda t: t["value"])
+    assert json.loads(re.search(r"best_params='(.+?)'", second.stdout).group(1)) == best["params"]
+    assert float(re.search(r"best_objective=([0-9.]+)", second.stdout).group(1)) == pytest.approx(best["value"])
+    assert "test_accuracy" in re.search(r"test_metrics=(\{.*?\})", second.stdout).group(1)
+
+    # MLflow: one study run holding the best, and each complete trial a child run tagged with its number and values
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(f"tuning-{tmp_path.name}")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("flytrain.role") == "study"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_eval_accuracy"] == pytest.approx(best["value"])
+    assert json.loads(parent.data.params["best.model.hidden_sizes"]) == best["params"]["model.hidden_sizes"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.info.status == "FINISHED"]
+    by_trial = {int(r.data.tags["flytrain.trial"]): r for r in children}
+    assert sorted(by_trial) == sorted(t["number"] for t in complete) and len(children) == 3
+    for t in complete:
+        tags = by_trial[t["number"]].data.tags
+        assert json.loads(tags["trial.model.hidden_sizes"]) == t["params"]["model.hidden_sizes"]
+        assert by_trial[t["number"]].data.metrics["eval_accuracy"] == pytest.approx(t["value"])
+
+
+# -- DVC: the search space as an experiment queue ------------------------------------------------------------------
+QUEUE_SEARCH = {"sampler": "grid", "n_trials": 2, "parallelism": 2,
+                "params": {"model.hidden_sizes": {"type": "categorical", "choices": [[16], [40]]}}}
+
+
+def test_queue_search_prints_one_dvc_experiment_per_trial_with_params_yaml_keys(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    import yaml
+
+    params = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "params.yaml")))
+    params["search"] = {**QUEUE_SEARCH, "n_trials": 3, "params": {
+        "training.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        "model.hidden_sizes": {"type": "categorical", "choices": [[16], [40, 40]]}}, "sampler": "random"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "workflows", "--params", str(tmp_path / "params.yaml"), "queue-search", "--dry-run"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert out == subprocess.run(cmd, capture_output=True, text=True, check=True).stdout  # seeded: the same queue
+    lines = out.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:4] == ["dvc", "exp", "run", "--queue"] and words[4::2] == ["-S", "-S"]
+        values = dict(arg.split("=", 1) for arg in words[5::2])
+        assert 1e-3 <= float(values["training.learning_rate"]) <= 1e-2
+        assert yaml.safe_load(values["model.hidden_sizes"]) in ([16], [40, 40])
+
+    params["search"]["params"]["model.hidden_sizes"]["choices"] = [[0]]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "search.params.model.hidden_sizes" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_queued_search_runs_as_dvc_experiments_listed_by_exp_show(tmp_path):
+    """queue-search → `dvc queue start -j 1` → both experiments in `dvc exp show`, sortable by the objective."""
+    import shutil
+    import sys
+    import time
+
+    from tests.test_dvc import ROOT, SOURCES, run, write_params
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in SOURCES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(source, repo / name)
+    write_params(repo, {"training": {"max_steps": 40, "logging_steps": 20, "eval_strategy": "steps", "eval_steps": 20,
+                                     "save_strategy": "steps", "save_steps": 20}, "search": QUEUE_SEARCH})
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        run(repo, *cmd)
+    queued = run(repo, sys.executable, "-m", "workflows", "--params", "params.yaml", "queue-search").stdout
+    assert queued.count("dvc exp run --queue") == 2, queued
+    run(repo, "dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 900
+    while True:
+        status = run(repo, "dvc", "queue", "status").stdout
+        if status.count("Success") == 2 or "Failed" in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == 2, status + run(repo, "dvc", "queue", "logs", "--help", ok=False).stdout
+
+    rows = run(repo, "dvc", "exp", "show", "--csv", "--sort-by", "metrics/train.json:eval_accuracy",
+               "--sort-order", "desc").stdout.splitlines()
+    header = rows[0].split(",")
+    experiments = [dict(zip(header, row.split(","))) for row in rows[1:]]
+    experiments = [e for e in experiments if e.get("Experiment") and e.get("eval_accuracy")]
+    assert sorted(e["model.hidden_sizes"] for e in experiments) == sorted(["[16]", "[40]"]), rows
+    accuracies = [float(e["eval_accuracy"]) for e in experiments]
+    assert accuracies == sorted(accuracies, reverse=True)

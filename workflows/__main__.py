@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out-dir", default="metrics")
     r = sub.add_parser("run", help="the whole pipeline in one folder")
     r.add_argument("--workdir", default="outputs")
+    q = sub.add_parser("queue-search", help="queue one `dvc exp run --queue -S ...` per trial of params.yaml's search")
+    q.add_argument("--dry-run", action="store_true", help="print the dvc commands without running them")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     watch = StepWatch()
     try:
         config = _config(args)  # before importing torch, so a bad params.yaml fails at once
+        if args.stage == "queue-search":
+            return _queue_search(args)
         from . import pipeline
 
         started = time.time()
@@ -93,6 +97,32 @@ def _report_interruption(stop: Interrupted, args: argparse.Namespace, watch: Ste
         message = f"interrupted during {args.stage}; run the same command to start it again"
     print(message, file=sys.stderr, flush=True)
     return stop.exit_status
+
+
+def _queue_search(args: argparse.Namespace) -> int:
+    """Materialise the search space as a DVC experiment queue (`dvc queue start` runs it)."""
+    import shlex
+    import subprocess
+    import tempfile
+
+    from . import search as study_file
+    from .config import SearchConfig
+
+    search = SearchConfig.load(args.params) if args.params else SearchConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        commands = study_file.dvc_queue_commands(search, os.path.join(tmp, "study.log"))
+    for command in commands:
+        print(shlex.join(command))
+        if not args.dry_run:
+            done = subprocess.run(command, stdout=subprocess.DEVNULL)
+            if done.returncode != 0:
+                print(f"error: {shlex.join(command)} exited {done.returncode}", file=sys.stderr)
+                return 1
+    if not args.dry_run:
+        order = "desc" if search.direction == "maximize" else "asc"
+        print(f"queued {len(commands)} experiments: run them with `dvc queue start -j 1`, then "
+              f"`dvc exp show --sort-by metrics/train.json:{search.metric} --sort-order {order}`")
+    return 0
 
 
 if __name__ == "__main__":

@@ -205,6 +205,9 @@ def train(
         best_metric=trainer.state.best_metric,
         best_global_step=trainer.state.best_global_step,
     )
+    # the last validation metrics: what a hyperparameter search scores a trial by (`dvc exp show --sort-by`)
+    last_eval = next((e for e in reversed(history) if "eval_loss" in e), {})
+    summary.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
     _write_json(os.path.join(tmp, "train_metrics.json"), summary)
     facts.update(ended_at=provenance.now(), global_step=output.global_step,
                  trackers=provenance.tracker_runs(trainer.callback_handler.callbacks))
