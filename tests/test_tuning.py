@@ -99,6 +99,38 @@ def test_search_needs_model_init_and_a_known_backend(tmp_path):
         trainer.hyperparameter_search(n_trials=1, backend="ray")
 
 
+@pytest.mark.parametrize("section, message", [
+    ({"metric": "test_accuracy"}, "search.metric: expected one of ['eval_accuracy', 'eval_loss']"),
+    ({"n_trials": 0}, "search.n_trials: expected an integer >= 1"),
+    ({"sampler": "cmaes"}, "search.sampler: expected one of ['tpe', 'random', 'grid']"),
+    ({"trials": 3}, "unknown config key(s) search.trials"),
+    ({"params": {"training.learning_rate": {"type": "float", "low": 0.1, "high": 0.01}}},
+     "search.params.training.learning_rate: expected low < high"),
+    ({"params": {"training.learning_rate": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}},
+     "search.params.training.learning_rate.low: expected a positive number with log: true"),
+    ({"params": {"training.learning_rat": {"type": "float", "low": 0.1, "high": 1.0}}},
+     "search.params.training.learning_rat: expected a params.yaml key"),
+    ({"params": {"data.split_seed": {"type": "int", "low": 0, "high": 3}}}, "search.params.data.split_seed: expected"),
+    ({"params": {"model.hidden_sizes": {"type": "categorical", "choices": [[64], 64]}}},
+     "search.params.model.hidden_sizes.choices[1]: expected a list"),
+    ({"params": {"model.dropout": {"type": "float", "low": 0.1, "high": 0.5, "choices": [0.1]}}},
+     "search.params.model.dropout.choices"),
+    ({"sampler": "grid", "params": {"model.dropout": {"type": "float", "low": 0.1, "high": 0.5}}},
+     "search.params.model.dropout.type: expected int or categorical with the grid sampler"),
+])
+def test_a_bad_search_section_is_one_error_naming_its_key(tmp_path, section, message):
+    import yaml
+
+    from workflows.config import ConfigError, PipelineConfig, SearchConfig
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"search": section}))
+    for load in (SearchConfig.load, PipelineConfig.load):  # every stage rejects it, not only the search commands
+        with pytest.raises(ConfigError) as error:
+            load(str(path))
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
 # -- the Flyte tuning workflow ------------------------------------------------------------------------------------
 #: 2 rounds x 2 trials over a grid of hidden sizes; 2**58 units cannot be allocated: that trial fails at once
 HUGE = 2**58
