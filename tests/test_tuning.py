@@ -211,6 +211,30 @@ def test_tuning_workflow_survives_a_failed_trial_resumes_without_retraining_and_
         assert by_trial[t["number"]].data.metrics["eval_accuracy"] == pytest.approx(t["value"])
 
 
+def test_trials_deck_lists_every_trial_and_charts_the_objective_by_trial_and_by_the_numeric_parameter():
+    from workflows.config import SearchConfig
+    from workflows.tuning import trials_html
+
+    search = SearchConfig.from_dict({"params": {
+        "model.hidden_sizes": {"type": "categorical", "choices": [[16], [32]]},
+        "training.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}}})
+    table = [{"number": 0, "params": {"model.hidden_sizes": [16], "training.learning_rate": 0.01}, "value": 0.5,
+              "state": "COMPLETE"},
+             {"number": 1, "params": {"model.hidden_sizes": [32], "training.learning_rate": 0.002}, "value": None,
+              "state": "FAIL"},
+             {"number": 2, "params": {"model.hidden_sizes": [32], "training.learning_rate": 0.05}, "value": 0.75,
+              "state": "COMPLETE"}]
+    page = trials_html(search, table)
+    rows = re.findall(r"<tr>(.*?)</tr>", page)
+    assert len(rows) == 4  # header + one row per trial, the failed one included
+    assert "<td>1</td><td>[32]</td><td>0.002</td><td></td><td>FAIL</td>" in rows[2]
+    charts = re.findall(r"<svg.*?</svg>", page)
+    assert [re.search(r'aria-label="([^"]+)"', c).group(1) for c in charts] == [
+        "eval_accuracy by trial", "eval_accuracy by training.learning_rate"]
+    assert all(c.count("<circle") == 2 for c in charts)  # the complete trials only
+    assert "<script" not in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+
+
 # -- DVC: the search space as an experiment queue ------------------------------------------------------------------
 QUEUE_SEARCH = {"sampler": "grid", "n_trials": 2, "parallelism": 2,
                 "params": {"model.hidden_sizes": {"type": "categorical", "choices": [[16], [40]]}}}
