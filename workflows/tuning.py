@@ -2,7 +2,7 @@
 
 ``pyflyte run workflows/tuning.py tuning_workflow --search '{"n_trials": 8, "parallelism": 4}'``
 
-Shape: ``prepare_data`` → ``start_study`` (an empty Optuna study file, and the parent MLflow run) → ``run_rounds``, a
+Shape: ``resolve_run`` → ``prepare_data`` → ``start_study`` (an empty Optuna study file, and the parent MLflow run) → ``run_rounds``, a
 @dynamic workflow that tells the last round's results to the study file, asks it for the next round's trials and maps
 ``train_trial`` over them (side by side on a cluster, one after another locally), then calls itself with the new study
 file, until the budget is spent → ``finish_study`` (best trial, deck) → ``evaluate_model`` on the best trial's model.
@@ -43,6 +43,7 @@ from workflows.training import (
     flyte_report_to,
     is_recoverable,
     prepare_data,
+    resolve_run,
     validated,
 )
 
@@ -368,9 +369,10 @@ def tuning_workflow(
         search: the search space and budget (JSON; defaults to params.yaml's ``search`` section).
         workdir: a folder for the trials' checkpoints (an interrupted trial then resumes from them).
     """
-    data = prepare_data(data=config.data)
-    started = start_study(config=config, search=search)
-    best = run_rounds(config=config, search=search, data=data, study=started.study, asked=[], results=[], done=[],
+    run = resolve_run(config=config, overrides=[])  # a CSV source addressed by its content, as training_workflow
+    data = prepare_data(data=run.config.data, source=run.source)
+    started = start_study(config=run.config, search=search)
+    best = run_rounds(config=run.config, search=search, data=data, study=started.study, asked=[], results=[], done=[],
                       workdir=workdir, study_run=started.study_run)
     evaluated = evaluate_model(config=best.config, data=data, model=best.model)
     return TuningOutputs(best.params, best.objective, best.model, evaluated.metrics, evaluated.test_metrics, best.study)
