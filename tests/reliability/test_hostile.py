@@ -47,3 +47,22 @@ def test_a_checkpoint_beyond_this_runs_step_budget_is_refused_naming_global_step
     shorter = hostile.small_trainer(str(tmp_path / "short"), max_steps=6)
     with pytest.raises(CheckpointError, match=r"trainer_state.json: global_step must be an integer in \[0, 6\], got 8"):
         shorter.train(resume_from_checkpoint=str(tmp_path / "src" / "checkpoint-8"))
+
+
+def test_on_an_accelerator_a_non_finite_grad_norm_is_flagged_without_a_sync_and_stops_at_the_next_check():
+    import pytest
+    import torch
+
+    from trainer_lib import NonFiniteLossError
+    from trainer_lib.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard(torch.device("cuda"), skip=False)  # the accelerator path, run here on CPU tensors
+    guard.reset(2)
+    for step, norm in ((3, 1.0), (4, float("inf")), (5, 2.0)):
+        guard.grad_norm(torch.tensor(norm), step)  # never raises: raising would need the value on the host
+    with pytest.raises(NonFiniteLossError, match=r"^training stopped at step 6: a gradient norm is not finite "
+                                                 r"\(it was finite at step 2\)"):
+        guard.check(0.5, 6)
+    guard.reset(6)
+    guard.grad_norm(torch.tensor(1.0), 7)
+    guard.check(0.5, 8)  # finite again: no error
