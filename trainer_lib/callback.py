@@ -30,6 +30,7 @@ EVENTS = (
     "on_save",
     "on_log",
     "on_prediction_step",
+    "on_push_begin",
 )
 
 
@@ -80,13 +81,19 @@ class TrainerCallback:
         """After a successful ``predict``; ``metrics`` are the prediction metrics."""
 
     def on_save(self, args, state: TrainerState, control: TrainerControl, **kwargs):
-        """After a checkpoint was saved (its folder is complete and in place)."""
+        """After a checkpoint was saved (its folder is complete and in place). Beyond the reference, kwargs hold
+        ``checkpoint_folder``, the folder just written, for subclasses of this class (reference callbacks get the
+        reference's kwargs): a tracker never has to rescan ``output_dir``, which rotation and background writes race."""
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         """After logging; kwargs hold ``logs``."""
 
     def on_prediction_step(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         """After each prediction (evaluation) batch."""
+
+    def on_push_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        """Before a push to a model hub. flytrain pushes nothing itself, so the Trainer never fires it; it exists so
+        that a callback written for the reference (which fires it in ``push_to_hub``) implements a known event."""
 
 
 class IntegrationCallback(TrainerCallback):
@@ -111,6 +118,10 @@ class IntegrationCallback(TrainerCallback):
 
     def on_integration_error(self, event: str, error: BaseException) -> None:
         """Called once when this integration failed and was disabled; release resources here."""
+
+
+#: event keywords this project adds to the reference's (see ``CallbackHandler.call_event``)
+_EXTRA_KWARGS = ("checkpoint_folder",)
 
 
 def _overrides(callback: TrainerCallback, event: str) -> bool:
@@ -234,9 +245,9 @@ class CallbackHandler(TrainerCallback):
     def on_predict(self, args, state, control, metrics):
         return self.call_event("on_predict", args, state, control, metrics=metrics)
 
-    def on_save(self, args, state, control):
+    def on_save(self, args, state, control, checkpoint_folder: str | None = None):
         control.should_save = False
-        return self.call_event("on_save", args, state, control)
+        return self.call_event("on_save", args, state, control, checkpoint_folder=checkpoint_folder)
 
     def on_log(self, args, state, control, logs):
         control.should_log = False
@@ -244,6 +255,9 @@ class CallbackHandler(TrainerCallback):
 
     def on_prediction_step(self, args, state, control):
         return self.call_event("on_prediction_step", args, state, control)
+
+    def on_push_begin(self, args, state, control):
+        return self.call_event("on_push_begin", args, state, control)
 
     def has_listeners(self, event: str) -> bool:
         """Whether any callback implements ``event`` (callers may skip building its arguments)."""
@@ -253,7 +267,11 @@ class CallbackHandler(TrainerCallback):
         listeners = self._listeners[event]
         if not listeners:
             return control
+        # Keywords beyond the reference's (on_save's checkpoint_folder) reach only this project's callbacks, so a
+        # callback written for the reference sees exactly the reference's kwargs.
+        native = {k: kwargs.pop(k) for k in _EXTRA_KWARGS if k in kwargs}
         for callback in listeners:
+            extra = native if native and isinstance(callback, TrainerCallback) else {}
             try:
                 result = getattr(callback, event)(
                     args,
@@ -266,6 +284,7 @@ class CallbackHandler(TrainerCallback):
                     train_dataloader=self.train_dataloader,
                     eval_dataloader=self.eval_dataloader,
                     **kwargs,
+                    **extra,
                 )
             except Exception as error:
                 if not isinstance(callback, IntegrationCallback) or self.strict_integrations:

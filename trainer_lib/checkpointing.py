@@ -127,7 +127,8 @@ class Checkpointer:
                 trainer.control.should_save = False
             self.writer.submit(payload, self.output_dir, self._written)
         else:
-            trainer.control = trainer.callback_handler.on_save(trainer.args, state, trainer.control)
+            trainer.control = trainer.callback_handler.on_save(trainer.args, state, trainer.control,
+                                                               checkpoint_folder=self.folder(step))
         barrier(trainer.dist)
         return self.folder(step)
 
@@ -163,9 +164,10 @@ class Checkpointer:
             # Completion of a background write, seen steps later: fire on_save without touching the flags that
             # the flow callback may have set for the current step (should_save was cleared at submission).
             trainer.control = trainer.callback_handler.call_event("on_save", trainer.args, trainer.state,
-                                                                  trainer.control)
+                                                                  trainer.control, checkpoint_folder=folder)
         else:
-            trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+            trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control,
+                                                               checkpoint_folder=folder)
 
     def poll(self) -> None:
         """Finish a completed background write (its error, if any, is raised here); never blocks."""

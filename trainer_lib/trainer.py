@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -115,6 +116,11 @@ class Trainer(EvaluationMixin):
         self.is_in_train = False
         self.checkpointer = Checkpointer(self)
         self._eval_loaders: dict[tuple, tuple] = {}
+        self._step_learning_rate: float | None = None
+        if self.dist.is_world_zero:
+            # As the reference does: callbacks may write into output_dir from on_init_end (e.g. CodeCarbon's
+            # emissions.csv). An empty folder only; nothing is written into it here.
+            os.makedirs(self.args.output_dir, exist_ok=True)
 
         default_callbacks = [DefaultFlowCallback] + resolve_report_to(self.args.report_to)
         all_callbacks = default_callbacks + list(callbacks or [])
@@ -285,6 +291,7 @@ class Trainer(EvaluationMixin):
                 self.checkpointer.restore_rng(point)
 
             grad_norm: torch.Tensor | None = None
+            self._step_learning_rate = None
             dataloader, sampler = plan.dataloader, plan.dataloader.batch_sampler
             for epoch in range(epochs_trained, plan.num_train_epochs):
                 if state.global_step >= plan.max_steps:
@@ -342,6 +349,7 @@ class Trainer(EvaluationMixin):
             self.control = handler.on_pre_optimizer_step(args, state, self.control)
             self.optimizer.step()
             self.control = handler.on_optimizer_step(args, state, self.control)
+        self._step_learning_rate = self._get_learning_rate()  # the rate this step used: logged as the reference does
         self.lr_scheduler.step()
         model.zero_grad(set_to_none=True)
         return grad_norm
@@ -391,7 +399,8 @@ class Trainer(EvaluationMixin):
             logs: dict[str, float] = {"loss": tr_loss_scalar / (state.global_step - self._globalstep_last_logged)}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
-            logs["learning_rate"] = self._get_learning_rate()
+            rate = self._step_learning_rate
+            logs["learning_rate"] = rate if rate is not None else self._get_learning_rate()
             self._total_loss_scalar += tr_loss_scalar
             self._globalstep_last_logged = state.global_step
             self.log(logs)
