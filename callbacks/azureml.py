@@ -7,10 +7,13 @@ that job's run; elsewhere it is an offline run that only prints. ``report_to="al
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Any
 
-from ._common import TrackerCallback, logger, numeric_items
+from ._common import TrackerCallback, numeric_items
+
+logger = logging.getLogger(__name__)
 
 
 class AzureMLCallback(TrackerCallback):
@@ -37,20 +40,22 @@ class AzureMLCallback(TrackerCallback):
         locations = (spec.submodule_search_locations or []) if spec is not None else []
         return any(os.path.isfile(os.path.join(folder, "core", "run.py")) for folder in locations)
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         if self.azureml_run is None:
             from azureml.core.run import Run
 
             self.azureml_run = Run.get_context()
 
+    def _is_open(self) -> bool:
+        return self.azureml_run is not None
+
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._ensure_setup(args, state, model)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if not logs or not self._ensure_setup(args, state, model) or self.azureml_run is None:
-            return
-        numbers, skipped = numeric_items(logs)
-        if skipped:
-            logger.debug("Azure ML: not logging non-numeric values %s", skipped)
-        for name, value in numbers.items():
-            self.azureml_run.log(name, value, description=name)
+    def _send(self, events: list[tuple[int, dict[str, Any]]]) -> None:
+        for _, logs in events:
+            numbers, skipped = numeric_items(logs)
+            if skipped:
+                logger.debug("Azure ML: not logging non-numeric values %s", skipped)
+            for name, value in numbers.items():
+                self.azureml_run.log(name, value, description=name)

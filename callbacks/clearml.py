@@ -8,22 +8,13 @@ ClearML's own configuration (``CLEARML_CONFIG_FILE``, ``CLEARML_API_HOST``, cred
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
-from trainer_lib.checkpoint import list_checkpoints
+from ._common import RUN_SUMMARY_KEYS, TrackerCallback, env_flag, numeric_items, rewrite_logs, training_params
 
-from ._common import (
-    RUN_SUMMARY_KEYS,
-    TrackerCallback,
-    env_flag,
-    logger,
-    numeric_items,
-    rewrite_logs,
-    training_params,
-)
+logger = logging.getLogger(__name__)
 
 #: the parameter section the training arguments appear under in ClearML
 PARAMS_SECTION = "flytrain"
@@ -32,12 +23,14 @@ _SINGLE_VALUES = {"epoch", *RUN_SUMMARY_KEYS}
 
 
 class ClearMLCallback(TrackerCallback):
-    """Logs a training run to a ClearML task. A task created here is closed at train end; an already running task
-    (``Task.init`` called by the user, or a clearml-agent run) is used and left open."""
+    """Logs a training run to a ClearML task. A task created here is closed at train end (values logged after
+    that are not recorded: a closed task cannot be reopened); an already running task (``Task.init`` called by the
+    user, or a clearml-agent run) is used and left open."""
 
     integration_name = "clearml"
     required_modules = ("clearml",)
     pip_extra = "clearml"
+    logs_predict_metrics = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,20 +41,27 @@ class ClearMLCallback(TrackerCallback):
         self._owns_task = False
         self._closed = False
         self._warned_closed = False
-        self._in_train = False
 
     @property
     def task(self):
         """The ClearML task in use (None before setup and after it was closed)."""
         return self._task
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         from clearml import Task
 
         current = Task.current_task()
         if current is not None:
             self._task, self._owns_task = current, False
             logger.info("ClearML: logging into the running task %s", current.id)
+        elif self._closed:
+            if not self._warned_closed:
+                logger.warning(
+                    "ClearML: the task was closed at train end; values logged after training (evaluate, predict) "
+                    "are not recorded"
+                )
+                self._warned_closed = True
+            return
         else:
             if self._offline:
                 Task.set_offline(offline_mode=True)
@@ -75,45 +75,16 @@ class ClearMLCallback(TrackerCallback):
         # connect() may write values back (UI overrides of a remote run): it gets a copy, never the arguments
         self._task.connect(dict(training_params(args, model)), name=PARAMS_SECTION)
 
-    @contextlib.contextmanager
-    def _session(self, args, state, model) -> Iterator[Any]:
-        """The task to report to (None: not this process, or closed); outside training it is closed after use."""
-        if not state.is_world_process_zero:
-            task = None
-        elif self._closed:
-            if not self._warned_closed:
-                logger.warning(
-                    "ClearML: the task was closed at train end; values logged after training (evaluate, predict) "
-                    "are not recorded"
-                )
-                self._warned_closed = True
-            task = None
-        else:
-            task = self._task if self._ensure_setup(args, state, model) else None
-        try:
-            yield task
-        finally:
-            if task is not None and not self._in_train:
-                self._close()
+    def _is_open(self) -> bool:
+        return self._task is not None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._in_train = True
-        self._closed = False
-        self._ensure_setup(args, state, model)
+        self._closed = False  # a new training: a new task
+        super().on_train_begin(args, state, control, model=model, **kwargs)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs:
-            self._report(args, state, model, logs)
-
-    def on_predict(self, args, state, control, metrics, model=None, **kwargs):
-        if metrics:
-            self._report(args, state, model, metrics)
-
-    def _report(self, args, state, model, metrics: dict[str, Any]) -> None:
-        with self._session(args, state, model) as task:
-            if task is None:
-                return
-            reporter = task.get_logger()
+    def _send(self, events: list[tuple[int, dict[str, Any]]]) -> None:
+        reporter = self._task.get_logger()
+        for step, metrics in events:
             numbers, skipped = numeric_items(metrics)
             if skipped:
                 logger.debug("ClearML: not reporting non-numeric values %s", skipped)
@@ -123,36 +94,20 @@ class ClearMLCallback(TrackerCallback):
             series = rewrite_logs({k: v for k, v in numbers.items() if k not in once})
             for key, value in series.items():
                 title, _, name = key.partition("/")
-                reporter.report_scalar(title=title, series=name, value=value, iteration=state.global_step)
+                reporter.report_scalar(title=title, series=name, value=value, iteration=step)
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if not self._log_model or not self._in_train:
+    def _log_checkpoint(self, args, state, folder: str) -> None:
+        if not self._log_model:
             return
-        with self._session(args, state, model) as task:
-            checkpoints = list_checkpoints(args.output_dir) if task is not None else []
-            if not checkpoints:
-                return
-            newest = checkpoints[-1]
-            name = os.path.basename(newest)
-            logger.info("ClearML: uploading %s as an artifact", name)
-            # the folder is zipped before this returns, so checkpoint rotation cannot pull it away mid-upload
-            task.upload_artifact(
-                name=name, artifact_object=newest, metadata={"global_step": state.global_step}
-            )
+        name = os.path.basename(folder)
+        logger.info("ClearML: uploading %s as an artifact", name)
+        # the folder is zipped before this returns, so checkpoint rotation cannot pull it away mid-upload
+        self._task.upload_artifact(name=name, artifact_object=folder, metadata={"global_step": state.global_step})
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self._in_train = False
-        self._close()
-
-    def on_integration_error(self, event: str, error: BaseException) -> None:
-        self._in_train = False
-        self._close()
-
-    def _close(self) -> None:
-        if self._task is None or not self._owns_task:
-            return  # a task started by the user (or an agent) stays open: its owner closes it
+    def _close(self, failed: bool) -> None:
         task, self._task = self._task, None
-        self._initialized = False
+        if task is None or not self._owns_task:
+            return  # a task started by the user (or an agent) stays open: its owner closes it
         self._closed = True
         task.flush(wait_for_uploads=True)
         task.close()

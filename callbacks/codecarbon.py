@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
-from ._common import TrackerCallback, logger
+from ._common import TrackerCallback
+
+logger = logging.getLogger(__name__)
 
 
 class CodeCarbonCallback(TrackerCallback):
@@ -22,8 +24,9 @@ class CodeCarbonCallback(TrackerCallback):
     def __init__(self) -> None:
         super().__init__()
         self.tracker = None
+        self._output_dir = ""
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         from codecarbon import OfflineEmissionsTracker
 
         # log_level applies only once the tracker exists; its constructor already logs INFO/WARNING lines
@@ -37,21 +40,21 @@ class CodeCarbonCallback(TrackerCallback):
             # codecarbon's default lock lets one tracker run per machine; trainings side by side must each measure
             allow_multiple_runs=True,
         )
+        self.tracker.start()
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._ensure_setup(args, state, model):
-            self.tracker.start()
+    def _is_open(self) -> bool:
+        return self.tracker is not None
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.tracker is None:
-            return
-        emissions = self.tracker.stop()
-        logger.info("CodeCarbon: training emitted %s kg CO2eq (details in %s)", emissions, args.output_dir)
-        self.tracker = None
-        self._initialized = False
+    def on_log(self, args, state, control, **kwargs):
+        """Nothing to log: emissions are measured over training only (evaluate after training adds no row)."""
 
-    def on_integration_error(self, event: str, error: BaseException) -> None:
+    def _finish(self, args, state, model) -> None:
+        self._output_dir = args.output_dir
+
+    def _close(self, failed: bool) -> None:
         tracker, self.tracker = self.tracker, None
-        self._initialized = False
-        if tracker is not None:
-            tracker.stop()
+        if tracker is None:
+            return
+        emissions = tracker.stop()
+        if not failed:
+            logger.info("CodeCarbon: training emitted %s kg CO2eq (details in %s)", emissions, self._output_dir)

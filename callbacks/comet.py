@@ -8,33 +8,28 @@ The experiment key is saved in checkpoints, so a resumed training continues the 
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from trainer_lib.state import ExportableState
 
-from ._common import (
-    TrackerCallback,
-    env_choice,
-    env_flag,
-    logger,
-    numeric_items,
-    rewrite_logs,
-    training_params,
-)
+from ._common import TrackerCallback, env_choice, env_flag, numeric_items, rewrite_logs, training_params
+
+logger = logging.getLogger(__name__)
 
 #: COMET_MODE values: the legacy ones (online / offline / disabled) and comet_ml.start's modes
 MODES = ("online", "offline", "disabled", "get", "create", "get_or_create")
 
 
 class CometCallback(TrackerCallback, ExportableState):
-    """Logs a training run to one Comet experiment, ended at train end (offline: written as a zip archive)."""
+    """Logs a training run to one Comet experiment, ended at train end (offline: written as a zip archive); values
+    logged after training reopen it (by its key) and end it again."""
 
     integration_name = "comet_ml"
     required_modules = ("comet_ml",)
     pip_extra = "comet_ml"
+    logs_predict_metrics = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,14 +38,13 @@ class CometCallback(TrackerCallback, ExportableState):
         self._log_assets = env_flag("COMET_LOG_ASSETS")
         self._online: bool | None = {"online": True, "offline": False}.get(self._mode)
         self._experiment = None
-        self._in_train = False
         #: key of the Comet experiment; restored from the checkpoint on resume
         self.experiment_key: str | None = None
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"experiment_key": self.experiment_key}}
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         if self._mode == "disabled":
             logger.info("COMET_MODE=disabled: not logging to Comet")
             return
@@ -74,56 +68,27 @@ class CometCallback(TrackerCallback, ExportableState):
             if model is not None:
                 self._experiment.set_model_graph(str(model))
 
-    @contextlib.contextmanager
-    def _session(self, args, state, model) -> Iterator[Any]:
-        """The experiment to log into; outside training it is reopened for these metrics and ended again."""
-        if not self._ensure_setup(args, state, model) or self._experiment is None:
-            yield None
-            return
-        try:
-            yield self._experiment
-        finally:
-            if not self._in_train:
-                self._end()
-
-    def _log_metrics(self, args, state, model, metrics: dict[str, Any] | None) -> None:
-        if not metrics:
-            return
-        with self._session(args, state, model) as experiment:
-            if experiment is None:
-                return
-            numbers, skipped = numeric_items(rewrite_logs(metrics))
-            if skipped:
-                logger.debug("Comet: not logging non-numeric values %s", skipped)
-            experiment.log_metrics(numbers, step=state.global_step, epoch=state.epoch)
+    def _is_open(self) -> bool:
+        return self._experiment is not None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0 and not self._initialized:
             self.experiment_key = None  # a new training is a new experiment; only a resumed one continues
-        self._in_train = True
-        self._ensure_setup(args, state, model)
+        super().on_train_begin(args, state, control, model=model, **kwargs)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        self._log_metrics(args, state, model, logs)
+    def _send(self, events: list[tuple[int, dict[str, Any]]]) -> None:
+        for step, metrics in events:
+            numbers, skipped = numeric_items(rewrite_logs(metrics))
+            if skipped:
+                logger.debug("Comet: not logging non-numeric values %s", skipped)
+            self._experiment.log_metrics(numbers, step=step, epoch=metrics.get("epoch"))
 
-    def on_predict(self, args, state, control, metrics, model=None, **kwargs):
-        self._log_metrics(args, state, model, metrics)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._in_train = False
-        if self._experiment is not None and self._log_assets and state.is_world_process_zero:
+    def _finish(self, args, state, model) -> None:
+        if self._log_assets:
             logger.info("Comet: logging %s as assets; this may take a while", args.output_dir)
-            self._experiment.log_asset_folder(
-                args.output_dir, step=state.global_step, log_file_name=True, recursive=True
-            )
-        self._end()
+            self._experiment.log_asset_folder(args.output_dir, step=state.global_step, log_file_name=True, recursive=True)
 
-    def on_integration_error(self, event: str, error: BaseException) -> None:
-        self._in_train = False
-        self._end()
-
-    def _end(self) -> None:
+    def _close(self, failed: bool) -> None:
         experiment, self._experiment = self._experiment, None
-        self._initialized = False
         if experiment is not None:
             experiment.end()

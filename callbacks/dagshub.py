@@ -147,20 +147,20 @@ class DagsHubCallback(MLflowCallback):
         resolve_repo()
         require_token()
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         if env_flag("DISABLE_MLFLOW_INTEGRATION"):
-            return super().setup(args, state, model, **kwargs)
+            return super()._open(args, state, model)
         self._token = require_token()
         self._repo = resolve_repo()
         self._http_timeout = env_seconds("DAGSHUB_HTTP_TIMEOUT", 30.0)
         self._log_repo_artifacts = env_flag("HF_DAGSHUB_LOG_ARTIFACTS")
         self._model_name = os.environ.get("HF_DAGSHUB_MODEL_NAME", "").strip()
         configure_mlflow_credentials(self._http_timeout)
-        super().setup(args, state, model, **kwargs)
+        super()._open(args, state, model)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        super().on_train_end(args, state, control, model=model, **kwargs)
-        if getattr(self, "_log_repo_artifacts", False) and self._active(args, state, model):
+    def _finish(self, args, state, model) -> None:
+        super()._finish(args, state, model)
+        if getattr(self, "_log_repo_artifacts", False):
             self.upload_artifacts(args, model)
 
     def upload_artifacts(self, args, model) -> None:

@@ -10,21 +10,21 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import math
 import os
 from typing import Any
 
-from trainer_lib.checkpoint import list_checkpoints
-
 from ._common import (
     RUN_SUMMARY_KEYS,
-    BatchedLogCallback,
-    logger,
+    TrackerCallback,
     numeric_items,
     rewrite_logs,
     save_model_files,
     training_params,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _log_model_from_env() -> bool | str:
@@ -99,7 +99,7 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-class DVCLiveCallback(BatchedLogCallback):
+class DVCLiveCallback(TrackerCallback):
     """Logs to DVCLive in ``dir`` (default ``<output_dir>/dvclive``), or into a given ``live``.
 
     ``log_model``: True logs the final model as an artifact, "all" logs ``output_dir`` at every checkpoint (None:
@@ -107,7 +107,7 @@ class DVCLiveCallback(BatchedLogCallback):
     ``save_dvc_exp=False, dvcyaml=None``, so nothing outside ``dir`` is written).
 
     Log events are written in bursts, once per ``FLYTRAIN_DVCLIVE_SEND_INTERVAL`` seconds (2 s, see
-    ``BatchedLogCallback``), before every checkpoint and at the end; DVCLive's summary (metrics.json, rebuilt from
+    ``TrackerCallback``), before every checkpoint and at the end; DVCLive's summary (metrics.json, rebuilt from
     every plot file) is refreshed after each burst.
     """
 
@@ -128,7 +128,7 @@ class DVCLiveCallback(BatchedLogCallback):
         self._live_kwargs = live_kwargs
         self._last_step: dict[str, int] = {}
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         if self.live is None:
             live_dir = self._dir or os.path.join(args.output_dir, "dvclive")
             resume = state.global_step > 0
@@ -140,10 +140,7 @@ class DVCLiveCallback(BatchedLogCallback):
         self._last_step = {}
         self.live.log_params(training_params(args, model))
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._ensure_setup(args, state, model)
-
-    def _send_logs(self, events) -> None:
+    def _send(self, events) -> None:
         for step, logs in events:
             numbers, skipped = numeric_items(logs)
             if skipped:
@@ -158,40 +155,22 @@ class DVCLiveCallback(BatchedLogCallback):
         # next_step rebuilds metrics.json from all plot files: once per burst, not once per event
         self.live.next_step()
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        super().on_save(args, state, control, model=model, **kwargs)
-        if self._log_model == "all" and self._ensure_setup(args, state, model) and list_checkpoints(args.output_dir):
+    def _log_checkpoint(self, args, state, folder: str) -> None:
+        if self._log_model == "all":
             self.live.log_artifact(args.output_dir)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not self._initialized or self.live is None:
-            return
-        self.send_pending_logs()
+    def _finish(self, args, state, model) -> None:
         if self._log_model is True and model is not None:
             name = "best" if args.load_best_model_at_end else "last"
             folder = save_model_files(model, os.path.join(args.output_dir, name))
             self.live.log_artifact(folder, name=name, type="model", copy=True)
         self.live.step = state.global_step
-        self.live.end()
-        self._release()
 
-    def on_train_error(self, args, state, control, error: BaseException | None = None, **kwargs):
-        """Training raised: write what was logged and end the Live run (its files stay consistent)."""
-        if not self._initialized or self.live is None:
+    def _close(self, failed: bool) -> None:
+        """End the Live run (its files stay consistent), also when training raised; a given ``live`` is ended at
+        train end (as its summary needs) but left to its owner after an error."""
+        if self.live is None or (failed and not self._owns_live):
             return
-        self.send_pending_logs()
-        if self._owns_live:
-            self.live.step = state.global_step
-            self.live.end()
-        self._release()
-
-    def on_integration_error(self, event: str, error: BaseException) -> None:
-        super().on_integration_error(event, error)
-        if self.live is not None and self._owns_live:
-            self.live.end()
-        self._release()
-
-    def _release(self) -> None:
+        self.live.end()
         if self._owns_live:
             self.live = None
-        self._initialized = False

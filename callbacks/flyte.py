@@ -123,17 +123,16 @@ class FlyteCallback(TrackerCallback):
         self.sync_checkpoints = sync_checkpoints
         self._synced: str | None = None
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         """Nothing to open: the checkpoint handle comes from the task context."""
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, checkpoint_folder: str | None = None, **kwargs):
         if not self.sync_checkpoints or not self._ensure_setup(args, state, kwargs.get("model")):
             return
-        folders = ckpt.list_checkpoints(args.output_dir)
-        if not folders or folders[-1] == self._synced:
+        if not checkpoint_folder or checkpoint_folder == self._synced:
             return
-        save_to_flyte(folders[-1], self.checkpoint)
-        self._synced = folders[-1]
+        save_to_flyte(checkpoint_folder, self.checkpoint)
+        self._synced = checkpoint_folder
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self.save_log_history or not self._ensure_setup(args, state, kwargs.get("model")):

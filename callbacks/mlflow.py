@@ -2,12 +2,11 @@
 
 Environment: MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_TAGS (JSON object), MLFLOW_NESTED_RUN, MLFLOW_RUN_ID,
 MLFLOW_FLATTEN_PARAMS, HF_MLFLOW_LOG_ARTIFACTS, DISABLE_MLFLOW_INTEGRATION, FLYTRAIN_TRACKER_TIMEOUT (seconds a
-failing backend may hold training up in total, default 30), MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT (defaults 2 / 5 s).
+failing or hung backend may hold the process up in total, at exit included; default 30), MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT (defaults 2 / 5 s).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
 import json
 import logging
@@ -18,18 +17,15 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from trainer_lib.checkpoint import list_checkpoints
 from trainer_lib.state import ExportableState
 
 from ._common import (
+    FailureBudget,
     TrackerCallback,
     env_flag,
-    env_seconds,
     flatten_dict,
     numeric_items,
     redact,
-    send_due,
-    send_interval,
     training_params,
 )
 
@@ -84,10 +80,11 @@ def _chunks(items: list, size: int):
 
 
 class _RunCloser:
-    """Ends a run left open when the callback is collected or the process exits (holds no reference to it)."""
+    """Ends a run left open when the callback is collected or the process exits (holds no reference to it); bounded
+    by what is left of the failure budget, so a hung server cannot hold the exit up."""
 
-    def __init__(self, client, run_id: str) -> None:
-        self.client, self.run_id, self.open, self.training = client, run_id, True, False
+    def __init__(self, client, run_id: str, budget: FailureBudget) -> None:
+        self.client, self.run_id, self.budget, self.open, self.training = client, run_id, budget, True, False
 
     def __call__(self) -> None:
         if not self.open:
@@ -95,7 +92,7 @@ class _RunCloser:
         self.open = False
         status = "FAILED" if self.training else "FINISHED"
         try:
-            self.client.set_terminated(self.run_id, status)
+            self.budget.call("set_terminated", self.client.set_terminated, self.run_id, status)
         except Exception as error:  # at exit there is nobody left to raise to
             logger.warning("could not mark MLflow run %s as %s: %s", self.run_id, status, error)
 
@@ -103,99 +100,102 @@ class _RunCloser:
 class MLflowCallback(TrackerCallback, ExportableState):
     """Logs to MLflow. Only world process zero talks to the server; a broken backend never stops training.
 
+    Metrics are sent in bursts by a background thread (see ``TrackerCallback``), at most MLflow's batch limit per
+    request; every call training waits on (opening the run, a checkpoint upload, the final flush, ending the run,
+    also at exit) is bounded by what is left of FLYTRAIN_TRACKER_TIMEOUT.
+
     Resume: the run id is saved in checkpoints (``state()``), so a training resumed from one continues the same run
     (MLFLOW_RUN_ID wins over the checkpoint's id). When reattaching, the highest step already stored per metric is
     read once, and any (metric, step) at or below it is skipped: steps a killed run logged past its last checkpoint
-    are not logged twice.
+    are not logged twice. Values logged after train end (evaluate) go to the same run.
 
     Status: FINISHED at train end; FAILED when the integration is disabled by an error, from ``on_train_error``, or
-    when a run still open is collected or the process exits in the middle of training (e.g. train() raised).
+    when a run still open is collected or the process exits in the middle of training (e.g. train() raised);
+    KILLED on KeyboardInterrupt.
     """
 
     integration_name = "mlflow"
     required_modules = ("mlflow",)
     pip_extra = "mlflow"
+    background_sends = True
 
     def __init__(self) -> None:
         super().__init__()
         self._resume_run_id: str | None = None
         self._resume_experiment_id: str | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self._initialized = self._disabled = self._owns_run = self._closed = False
-        self._client = None
         self._run_id: str | None = None
         self._experiment_id: str | None = None
+        self._previous_run: str | None = None
+        self._client = None
+        self._disabled = False
         self._closer: _RunCloser | None = None
-        self._finalizer: weakref.finalize | None = None
-        self._async_supported = self._async = False
-        self._pending: list[concurrent.futures.Future] = []
-        self._buffer: list = []
-        self._last_send: float | None = None
-        self._send_interval = send_interval("mlflow")
-        self._logged_upto: dict[str, int] = {}
-        self._existing_params: dict[str, str] = {}
         self._warned_keys: set[str] = set()
-        self._warned_failure = self._log_artifacts = False
-        self._failed_seconds, self._budget = 0.0, 30.0
+        self._killed = False
 
     # -- checkpointed state ----------------------------------------------------------------------------------
     def state(self) -> dict:
         run_id, experiment_id = self._run_id or self._resume_run_id, self._experiment_id or self._resume_experiment_id
         return {"args": {}, "attributes": {"_resume_run_id": run_id, "_resume_experiment_id": experiment_id}}
 
-    # -- setup -----------------------------------------------------------------------------------------------
-    def setup(self, args, state, model, **kwargs) -> None:
-        """Open (or reattach to) the run and log the parameters; called once, on world process zero."""
-        if env_flag("DISABLE_MLFLOW_INTEGRATION"):
-            self._disabled = True
+    # -- the run ---------------------------------------------------------------------------------------------
+    def _open(self, args, state, model) -> None:
+        """Open (or reattach to) the run and log the parameters; called once per session, on world process zero."""
+        self._disabled = env_flag("DISABLE_MLFLOW_INTEGRATION")
+        if self._disabled:
             logger.info("DISABLE_MLFLOW_INTEGRATION is set: nothing is sent to MLflow")
             return
         # Bound how long one call may hold training up; read by mlflow at request time, so set before importing.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        self._budget = env_seconds("FLYTRAIN_TRACKER_TIMEOUT", 30.0)
-        self._log_artifacts = env_flag("HF_MLFLOW_LOG_ARTIFACTS")
-        flatten = env_flag("MLFLOW_FLATTEN_PARAMS")
-        nested = env_flag("MLFLOW_NESTED_RUN")
-        tags = _env_tags()
-
         import mlflow
         from mlflow.utils import validation
 
         self._max_param_length = validation.MAX_PARAM_VAL_LENGTH
         self._params_per_batch = validation.MAX_PARAMS_TAGS_PER_BATCH
-        self._metrics_per_batch = validation.MAX_METRICS_PER_BATCH
+        self.max_buffered_values = validation.MAX_METRICS_PER_BATCH
         self._uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        self._budget.what = f"MLflow at {self._uri}"
         self._client = mlflow.MlflowClient(self._uri)
-        self._async_supported = "synchronous" in inspect.signature(self._client.log_batch).parameters
-        self._async = self._async_supported
-
-        self._open_run(mlflow, args, tags, nested)
+        # this thread waits for each request itself (mlflow's own async queue is drained unbounded at exit)
+        self._sync = {"synchronous": True} if "synchronous" in inspect.signature(self._client.log_batch).parameters else {}
+        self._log_artifacts = env_flag("HF_MLFLOW_LOG_ARTIFACTS")
+        self._run_id = self._experiment_id = None
+        self._logged_upto: dict[str, int] = {}
+        self._existing_params: dict[str, str] = {}
+        self._owns_run = False
+        self._budget.call("opening the run", self._open_run, mlflow, args, model)
         if self._owns_run:
-            self._closer = _RunCloser(self._client, self._run_id)
-            self._finalizer = weakref.finalize(self, self._closer)
-        self._log_params(args, model, flatten)
+            self._closer = _RunCloser(self._client, self._run_id, self._budget)
+            self._closer.training = self._in_train
+            weakref.finalize(self, self._closer)
         logger.info("MLflow run %s (experiment %s) at %s", self._run_id, self._experiment_id, self._uri)
 
-    def _open_run(self, mlflow, args, tags: dict[str, str], nested: bool) -> None:
+    def _is_open(self) -> bool:
+        return not self._disabled and self._run_id is not None
+
+    def _open_run(self, mlflow, args, model) -> None:
+        tags, nested = _env_tags(), env_flag("MLFLOW_NESTED_RUN")
         env_run_id = os.environ.get("MLFLOW_RUN_ID", "").strip() or None
-        for run_id, source in ((env_run_id, "MLFLOW_RUN_ID"), (self._resume_run_id, "checkpoint")):
+        previous = None if self._in_train else self._previous_run  # evaluate after train end: the same run
+        for run_id, source in ((env_run_id, "MLFLOW_RUN_ID"), (self._resume_run_id, "checkpoint"), (previous, "")):
             if not run_id:
                 continue
             run = self._existing_run(run_id)
             if run is not None:
                 self._reattach(run, tags)
-                return
+                break
             if source == "MLFLOW_RUN_ID":
                 raise ValueError(f"MLFLOW_RUN_ID={run_id!r}: no such (undeleted) run at {self._uri}")
             logger.warning("The checkpoint's MLflow run %s is not at %s; starting a new run", run_id, self._uri)
+        else:
+            self._new_run(mlflow, args, tags, nested)
+        self._log_params(args, model, env_flag("MLFLOW_FLATTEN_PARAMS"))
+
+    def _new_run(self, mlflow, args, tags: dict[str, str], nested: bool) -> None:
         active = mlflow.active_run()
         if active is not None and not nested:
             # A run the user opened: log into it and leave ending it to them.
             self._run_id, self._experiment_id = active.info.run_id, active.info.experiment_id
-            self._owns_run = False
             self._set_tags(tags)
             return
         if active is not None:
@@ -281,165 +281,71 @@ class MLflowCallback(TrackerCallback, ExportableState):
         for chunk in _chunks([Param(k, v) for k, v in params.items()], self._params_per_batch):
             self._client.log_batch(self._run_id, params=chunk)
 
-    # -- guarded calls ---------------------------------------------------------------------------------------
-    def _active(self, args, state, model) -> bool:
-        return self._ensure_setup(args, state, model) and not self._disabled and self._run_id is not None
+    # -- the lifecycle's hooks -------------------------------------------------------------------------------
+    def _send(self, events: list[tuple[int, dict[str, Any]]]) -> None:
+        """One log_batch per MLflow batch limit (in the sender thread); (metric, step) pairs a continued run already
+        holds are skipped."""
+        from mlflow.entities import Metric
 
-    def _call(self, what: str, fn, *args, **kwargs):
-        """Run one MLflow call; a failure drops its data and counts against FLYTRAIN_TRACKER_TIMEOUT."""
-        start = time.monotonic()
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as error:
-            self._failed(what, error, time.monotonic() - start)
-            return None
-        self._async = self._async_supported and not self._closed  # healthy (again)
-        return result
+        timestamp, metrics = int(time.time() * 1000), []
+        for step, logs in events:
+            numbers, skipped = numeric_items(logs)
+            for key in skipped:
+                if key not in self._warned_keys:
+                    self._warned_keys.add(key)
+                    logger.warning("MLflow: %r=%r is not numeric and is not logged as a metric", key, logs[key])
+            for key, value in numbers.items():
+                name = sanitize_name(key)
+                if step > self._logged_upto.get(name, -1):
+                    metrics.append(Metric(name, float(value), timestamp, step))
+        for chunk in _chunks(metrics, self.max_buffered_values):
+            self._client.log_batch(self._run_id, metrics=chunk, **self._sync)
 
-    def _failed(self, what: str, error: BaseException, seconds: float) -> None:
-        self._failed_seconds += seconds
-        self._async = False  # log synchronously while failing, so the time it costs is measured
-        if self._failed_seconds >= self._budget:
-            raise RuntimeError(
-                f"MLflow at {self._uri} keeps failing ({what}: {type(error).__name__}: {error}); "
-                f"{self._failed_seconds:.1f}s spent in failing calls reached FLYTRAIN_TRACKER_TIMEOUT={self._budget:g}s"
-            ) from error
-        if not self._warned_failure:
-            self._warned_failure = True
-            logger.warning(
-                "MLflow %s failed (%s: %s); that data is dropped, and MLflow is retried until failing calls "
-                "have taken FLYTRAIN_TRACKER_TIMEOUT=%gs in total", what, type(error).__name__, error, self._budget,
-            )
-
-    def _reap(self, wait_seconds: float | None = None) -> None:
-        """Collect finished asynchronous batches (waiting up to ``wait_seconds`` for all of them)."""
-        if not self._pending:
+    def _log_checkpoint(self, args, state, folder: str) -> None:
+        if not self._log_artifacts:
             return
-        start = time.monotonic()
-        if wait_seconds is None:
-            finished = {f: f.done() for f in self._pending}  # one look per future: it may finish meanwhile
-            done = [f for f, over in finished.items() if over]
-            self._pending = [f for f, over in finished.items() if not over]
-        else:
-            done, not_done = concurrent.futures.wait(self._pending, timeout=wait_seconds)
-            self._pending = list(not_done)
-        errors = [f.exception() for f in done if not f.cancelled() and f.exception() is not None]
-        waited = time.monotonic() - start
-        if self._pending and wait_seconds is not None:
-            count, self._pending = len(self._pending), []
-            self._failed("flush", TimeoutError(f"{count} metric batches still unconfirmed"), max(waited, self._budget))
-        if errors:
-            self._failed("asynchronous metric logging", errors[-1], waited if wait_seconds is not None else 0.0)
+        # the Trainer writes training_args.json redacted, so the folder goes up as it is
+        self.flush()  # the sends before it first, then the upload, bounded like every call training waits on
+        name = os.path.basename(os.path.normpath(folder))
+        self._guarded("log_artifacts", self._client.log_artifacts, self._run_id, folder, artifact_path=name)
 
-    def _log_metrics(self, metrics: list) -> None:
-        for chunk in _chunks(metrics, self._metrics_per_batch):
-            if self._async:
-                operations = self._call("log_batch", self._client.log_batch, self._run_id, metrics=chunk, synchronous=False)
-                futures = getattr(operations, "_operation_futures", None)
-                if isinstance(futures, list):
-                    self._pending.extend(futures)
-                elif operations is not None:  # an mlflow whose async handles we cannot bound: wait, then go sync
-                    self._async_supported = self._async = False
-                    self._call("log_batch", operations.wait)
-            else:
-                extra = {"synchronous": True} if self._async_supported else {}
-                self._call("log_batch", self._client.log_batch, self._run_id, metrics=chunk, **extra)
+    def _guarded(self, what: str, fn, *args, **kwargs) -> None:
+        """A call training waits on: a failure is reported and spends budget; a spent budget raises."""
+        try:
+            self._budget.call(what, fn, *args, **kwargs)
+        except Exception as error:
+            if self._budget.left <= 0:
+                raise self._budget.exhausted_error(f"{what}: {type(error).__name__}: {error}") from error
+            self._send_failed(what, error, 0.0)
 
-    def flush(self) -> None:
-        """Send buffered metrics and wait for them, at most for what is left of FLYTRAIN_TRACKER_TIMEOUT."""
-        self._send_buffer()
-        self._reap(wait_seconds=max(0.0, self._budget - self._failed_seconds))
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._initialized and self._resume_run_id and self._resume_run_id != self._run_id:
+            self._end(failed=False)  # restored from a checkpoint of another run: continue that one
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        if self._closer is not None:
+            self._closer.training = True
+
+    def on_train_error(self, args, state, control, error: BaseException | None = None, **kwargs):
+        """Training raised: send what was logged, end the run as FAILED, or KILLED on KeyboardInterrupt."""
+        self._killed = isinstance(error, KeyboardInterrupt)
+        super().on_train_error(args, state, control, error=error, **kwargs)
 
     def end_run(self, status: str = "FINISHED") -> None:
         """Flush, then end the run with ``status`` (FINISHED, FAILED or KILLED) if this callback opened it."""
-        if self._client is None or self._run_id is None or self._closed:
-            return
-        error: Exception | None = None
         try:
             self.flush()
-        except Exception as flush_error:
-            error = flush_error
-        self._mark_closed()
-        if self._owns_run and error is None:
-            self._call("set_terminated", self._client.set_terminated, self._run_id, status)
-        if error is not None:
-            raise error
+        finally:
+            self._close_as(status)
+            self._initialized = False
 
-    def _mark_closed(self) -> None:
-        self._closed, self._async = True, False
-        if self._closer is not None:
-            self._closer.open = False
-        if self._finalizer is not None:
-            self._finalizer.detach()
+    def _close(self, failed: bool) -> None:
+        self._close_as(("KILLED" if self._killed else "FAILED") if failed else "FINISHED")
 
-    # -- events ----------------------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._initialized and (self._closed or (self._resume_run_id and self._resume_run_id != self._run_id)):
-            self.end_run("FINISHED")
-            self._reset()  # a new train(): a new run, or the checkpoint's
-        if self._active(args, state, model) and self._closer is not None:
-            self._closer.training = True
-
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if not self._active(args, state, model):
+    def _close_as(self, status: str) -> None:
+        closer, self._closer = self._closer, None
+        self._previous_run = self._run_id
+        if closer is None or not closer.open:
             return
-        from mlflow.entities import Metric
-
-        self._reap()
-        numbers, skipped = numeric_items(logs or {})
-        for key in skipped:
-            if key not in self._warned_keys:
-                self._warned_keys.add(key)
-                logger.warning("MLflow: %r=%r is not numeric and is not logged as a metric", key, (logs or {})[key])
-        timestamp, step = int(time.time() * 1000), state.global_step
-        metrics = []
-        for key, value in numbers.items():
-            name = sanitize_name(key)
-            if step > self._logged_upto.get(name, -1):
-                metrics.append(Metric(name, float(value), timestamp, step))
-        # Coalesce log events into one batch per FLYTRAIN_MLFLOW_SEND_INTERVAL seconds (default 2): a call costs
-        # about the same for 1 or 1,000 metrics.
-        # Before a checkpoint (should_save) everything goes out, so a resumed run never misses a step.
-        self._buffer.extend(metrics)
-        if (control.should_save or control.should_training_stop or send_due(self._last_send, self._send_interval)
-                or len(self._buffer) >= self._metrics_per_batch):
-            self._send_buffer()
-
-    def _send_buffer(self) -> None:
-        if self._buffer:
-            metrics, self._buffer = self._buffer, []
-            self._log_metrics(metrics)
-        self._last_send = time.monotonic()
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if not self._log_artifacts or not self._active(args, state, model):
-            return
-        checkpoints = list_checkpoints(args.output_dir)
-        if checkpoints:
-            self._log_checkpoint(checkpoints[-1])
-
-    def _log_checkpoint(self, folder: str) -> None:
-        # the Trainer writes training_args.json redacted, so the folder goes up as it is
-        name = os.path.basename(os.path.normpath(folder))
-        self._call("log_artifacts", self._client.log_artifacts, self._run_id, folder, artifact_path=name)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not self._active(args, state, model):
-            return
-        if self._closer is not None:
-            self._closer.training = False
-        self.end_run("FINISHED")
-
-    def on_train_error(self, args, state, control, error: BaseException | None = None, **kwargs):
-        """Proposed Trainer event (training raised): end the run as FAILED, or KILLED on KeyboardInterrupt."""
-        if self._initialized and not self._disabled:
-            self.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-
-    def on_integration_error(self, event: str, error: BaseException) -> None:
-        """Disabled after an error: end the run as FAILED, unless the backend is already known to be gone."""
-        if self._client is None or self._run_id is None or self._closed:
-            return
-        self._pending = []
-        self._mark_closed()
-        if self._owns_run and self._failed_seconds < self._budget:
-            self._client.set_terminated(self._run_id, "FAILED")
+        closer.open = False
+        if self._budget.left > 0:
+            self._guarded("set_terminated", self._client.set_terminated, self._run_id, status)

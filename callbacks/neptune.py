@@ -7,15 +7,14 @@ and sent later with ``neptune sync``.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
-from trainer_lib.checkpoint import list_checkpoints
+from ._common import RUN_SUMMARY_KEYS, TrackerCallback, numeric_items, rewrite_logs, training_params
 
-from ._common import RUN_SUMMARY_KEYS, TrackerCallback, logger, numeric_items, rewrite_logs, training_params
+logger = logging.getLogger(__name__)
 
 LOG_CHECKPOINTS = (None, "same", "last", "best")
 #: under output_dir: copies of checkpoints that save_total_limit may rotate away before Neptune uploads them
@@ -39,6 +38,7 @@ class NeptuneCallback(TrackerCallback):
     integration_name = "neptune"
     required_modules = ("neptune",)
     pip_extra = "neptune"
+    logs_predict_metrics = True
 
     def __init__(
         self,
@@ -67,7 +67,6 @@ class NeptuneCallback(TrackerCallback):
         self._run_id: str | None = None
         self._stopped = False  # the run created here was stopped at train end
         self._warned_offline = False
-        self._in_train = False
         self._snapshot_dir: str | None = None
         self._uploaded: str | None = None
 
@@ -80,7 +79,10 @@ class NeptuneCallback(TrackerCallback):
         if self._log_checkpoints == "best" and not args.metric_for_best_model:
             raise ValueError("NeptuneCallback(log_checkpoints='best') needs TrainingArguments.metric_for_best_model")
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
+        if self._stopped and not self._in_train:
+            self._run = self._reopen()  # values logged after train end
+            return
         if self._given_run is not None:
             self._run, self._owns_run = self._given_run, False
         else:
@@ -93,26 +95,14 @@ class NeptuneCallback(TrackerCallback):
             params = {k: _neptune_value(v) for k, v in training_params(args, model).items()}
             self._run[f"{self._namespace}/trainer_parameters"] = params
 
+    def _is_open(self) -> bool:
+        return self._run is not None
+
     def _init_run(self, **extra: Any):
         import neptune
 
         kwargs = {k: v for k, v in {**self._init_kwargs, **extra}.items() if v is not None}
         return neptune.init_run(**kwargs)
-
-    @contextlib.contextmanager
-    def _session(self, args, state, model) -> Iterator[Any]:
-        """The run to log into; outside training, a stopped run is reopened for these values and stopped again."""
-        if not state.is_world_process_zero:
-            run = None
-        elif self._run is None and self._stopped:
-            run = self._reopen()
-        else:
-            run = self._run if self._ensure_setup(args, state, model) else None
-        try:
-            yield run
-        finally:
-            if run is not None and not self._in_train:
-                self._stop()
 
     def _reopen(self):
         """The run stopped at train end, opened again without monitoring (not possible for offline runs)."""
@@ -124,54 +114,36 @@ class NeptuneCallback(TrackerCallback):
                 )
                 self._warned_offline = True
             return None
-        self._run = self._init_run(
+        self._owns_run = True
+        return self._init_run(
             with_id=self._run_id, capture_stdout=False, capture_stderr=False,
             capture_hardware_metrics=False, capture_traceback=False,
         )
-        self._owns_run = True
-        return self._run
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._in_train = True
         self._stopped = False
         self._uploaded = None
-        self._ensure_setup(args, state, model)
+        super().on_train_begin(args, state, control, model=model, **kwargs)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs:
-            self._log_metrics(args, state, model, logs)
-
-    def on_predict(self, args, state, control, metrics, model=None, **kwargs):
-        if metrics:
-            self._log_metrics(args, state, model, metrics)
-
-    def _log_metrics(self, args, state, model, metrics: dict[str, Any]) -> None:
-        with self._session(args, state, model) as run:
-            if run is None:
-                return
+    def _send(self, events: list[tuple[int, dict[str, Any]]]) -> None:
+        for step, metrics in events:
             numbers, _ = numeric_items(rewrite_logs(metrics))
             for name, value in numbers.items():
                 path = f"{self._namespace}/{name}"
                 if name in _SINGLE_VALUES:
-                    run[path] = value
+                    self._run[path] = value
                 else:
-                    run[path].append(value, step=state.global_step)
+                    self._run[path].append(value, step=step)
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if self._log_checkpoints is None or not self._in_train:
+    def _log_checkpoint(self, args, state, folder: str) -> None:
+        if self._log_checkpoints is None:
             return
-        if not self._ensure_setup(args, state, model) or self._run is None:
-            return
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            return
-        newest = checkpoints[-1]
-        name = os.path.basename(newest)
+        name = os.path.basename(folder)
         if self._log_checkpoints == "best":
             best = state.best_model_checkpoint
             if not best or os.path.basename(best) != name or self._uploaded == name:
                 return
-        path = self._stable_copy(newest, args.output_dir) if args.save_total_limit else newest
+        path = self._stable_copy(folder, args.output_dir) if args.save_total_limit else folder
         if self._log_checkpoints == "same":
             self._run[f"{self._namespace}/checkpoints/{name}"].upload_files(path)
         else:
@@ -189,19 +161,10 @@ class NeptuneCallback(TrackerCallback):
         shutil.copytree(folder, target, dirs_exist_ok=True)
         return target
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self._in_train = False
-        self._stop()
-
-    def on_integration_error(self, event: str, error: BaseException) -> None:
-        self._in_train = False
-        self._stop()
-
-    def _stop(self) -> None:
+    def _close(self, failed: bool) -> None:
         if self._run is None or not self._owns_run:
             return  # a run passed in by the caller stays open: its owner stops it
         run, self._run = self._run, None
-        self._initialized = False
         offline = str(getattr(run, "_mode", "")).lower().endswith("offline")
         run.stop()  # waits until queued operations (and uploads) are written
         self._stopped = True

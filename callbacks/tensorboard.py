@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from trainer_lib.state import ExportableState
 
-from ._common import BatchedLogCallback, logger, redact, rewrite_logs
+from ._common import TrackerCallback, redact, rewrite_logs
+
+logger = logging.getLogger(__name__)
 
 
 def _model_config_json(model) -> str | None:
@@ -26,13 +29,13 @@ def _inside(path: str, *folders: str) -> bool:
     return any(os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f) for f in folders if f)
 
 
-class TensorBoardCallback(BatchedLogCallback, ExportableState):
+class TensorBoardCallback(TrackerCallback, ExportableState):
     """Writes the logs to TensorBoard event files in ``args.logging_dir`` (or into a given ``tb_writer``).
 
     The event directory is saved in checkpoints: a resumed run writes into the same directory, and opens its writer
     with ``purge_step`` so the steps a previous attempt logged after the checkpoint are hidden, not doubled.
     Log events are written and flushed together once per ``FLYTRAIN_TENSORBOARD_SEND_INTERVAL`` seconds (2 s;
-    see ``BatchedLogCallback``), before every checkpoint and at the end.
+    see ``TrackerCallback``), before every checkpoint and at the end.
     """
 
     integration_name = "tensorboard"
@@ -50,7 +53,7 @@ class TensorBoardCallback(BatchedLogCallback, ExportableState):
     def state(self) -> dict:
         return {"args": {}, "attributes": {"log_dir": self.log_dir}}
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         if self.tb_writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -74,10 +77,7 @@ class TensorBoardCallback(BatchedLogCallback, ExportableState):
         if config is not None:
             self.tb_writer.add_text("model_config", config)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._ensure_setup(args, state, kwargs.get("model"))
-
-    def _send_logs(self, events) -> None:
+    def _send(self, events) -> None:
         for step, logs in events:
             self._write(step, logs)
         self.tb_writer.flush()
@@ -103,24 +103,10 @@ class TensorBoardCallback(BatchedLogCallback, ExportableState):
                 continue
             self._last_step[key] = step
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._initialized:
-            self.send_pending_logs()
-        self._close()
-
-    def on_train_error(self, args, state, control, error: BaseException | None = None, **kwargs):
-        super().on_train_error(args, state, control, error=error, **kwargs)
-        self._close()
-
-    def on_integration_error(self, event: str, error: BaseException) -> None:
-        super().on_integration_error(event, error)
-        self._close()
-
-    def _close(self) -> None:
+    def _close(self, failed: bool) -> None:
         if self.tb_writer is not None:
             if self._owns_writer:
                 self.tb_writer.close()
                 self.tb_writer = None
             else:
                 self.tb_writer.flush()
-        self._initialized = False

@@ -5,36 +5,38 @@ Environment: ``WANDB_PROJECT`` (default "flytrain"), ``WANDB_LOG_MODEL`` (false 
 wandb's own variables (``WANDB_MODE=offline``, ``WANDB_DIR``, ...).
 
 Log events reach wandb in bursts, once per ``FLYTRAIN_WANDB_SEND_INTERVAL`` seconds (2 s, see
-``BatchedLogCallback``), each still its own history row at its own ``train/global_step``. Unless ``WANDB_CONSOLE``
+``TrackerCallback``), each still its own history row at its own ``train/global_step``. Unless ``WANDB_CONSOLE``
 is set, a run this callback starts captures the console in wandb's buffered ``wrap_emu`` mode: wandb's default
 sends every single write to its service process, which costs a small model about a tenth of its speed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any
 
-from trainer_lib.checkpoint import checkpoint_step, list_checkpoints
+from trainer_lib.checkpoint import checkpoint_step
 from trainer_lib.state import ExportableState
 
 from ._common import (
     RUN_SUMMARY_KEYS,
-    BatchedLogCallback,
+    TrackerCallback,
     env_choice,
     env_flag,
-    logger,
     rewrite_logs,
     save_model_files,
     training_params,
 )
 
+logger = logging.getLogger(__name__)
+
 LOG_MODEL_CHOICES = ("false", "true", "end", "checkpoint")
 WATCH_CHOICES = ("false", "gradients", "parameters", "all")
 
 
-class WandbCallback(BatchedLogCallback, ExportableState):
+class WandbCallback(TrackerCallback, ExportableState):
     """Logs a training run to W&B. The run id is saved in checkpoints, so resuming continues the same run."""
 
     integration_name = "wandb"
@@ -58,7 +60,7 @@ class WandbCallback(BatchedLogCallback, ExportableState):
     def state(self) -> dict:
         return {"args": {}, "attributes": {"run_id": self.run_id}}
 
-    def setup(self, args, state, model, **kwargs) -> None:
+    def _open(self, args, state, model) -> None:
         if self._disabled:
             logger.info("WANDB_DISABLED is set: not logging to W&B")
             return
@@ -84,15 +86,15 @@ class WandbCallback(BatchedLogCallback, ExportableState):
             self._run.watch(model, log=self._watch, log_freq=max(100, int(state.logging_steps)))
             self._watched = model
 
-    def _active(self, args, state, model) -> bool:
-        return self._ensure_setup(args, state, model) and self._run is not None
+    def _is_open(self) -> bool:
+        return self._run is not None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0 and not self._initialized:
             self.run_id = None  # a new training is a new run; only a resumed one continues the saved id
-        self._active(args, state, model)
+        super().on_train_begin(args, state, control, model=model, **kwargs)
 
-    def _send_logs(self, events) -> None:
+    def _send(self, events) -> None:
         for step, logs in events:
             once = {k: v for k, v in logs.items() if k in RUN_SUMMARY_KEYS}
             for key, value in rewrite_logs(once).items():
@@ -101,47 +103,27 @@ class WandbCallback(BatchedLogCallback, ExportableState):
             if set(series) - {"train/epoch"}:  # the end-of-training summary leaves only the epoch: no history row
                 self._run.log({**series, "train/global_step": step})
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        super().on_save(args, state, control, model=model, **kwargs)
-        if self._log_model != "checkpoint" or not self._active(args, state, model):
+    def _log_checkpoint(self, args, state, folder: str) -> None:
+        if self._log_model != "checkpoint":
             return
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            return
-        newest = checkpoints[-1]
-        step = checkpoint_step(os.path.basename(newest))
+        step = checkpoint_step(os.path.basename(folder))
         metadata = self._numeric_summary()
         metadata["global_step"] = step
         artifact = self._wandb.Artifact(name=f"model-{self._run.id}", type="model", metadata=metadata)
-        artifact.add_dir(newest)
+        artifact.add_dir(folder)
         aliases = [f"checkpoint_global_step_{step}"]
         if state.epoch is not None:
             aliases.append(f"epoch_{round(state.epoch, 2)}")
         self._run.log_artifact(artifact, aliases=aliases)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not self._initialized or self._run is None:
-            self._initialized = False
-            return
-        self.send_pending_logs()
-        if self._log_model in ("end", "checkpoint") and model is not None and state.is_world_process_zero:
+    def _finish(self, args, state, model) -> None:
+        if self._log_model in ("end", "checkpoint") and model is not None:
             metadata = self._numeric_summary()
             metadata["global_step"] = state.global_step
             artifact = self._wandb.Artifact(name=f"model-{self._run.id}", type="model", metadata=metadata)
             with tempfile.TemporaryDirectory() as folder:
                 artifact.add_dir(save_model_files(model, folder))  # add_dir copies the files into staging
                 self._run.log_artifact(artifact, aliases=["final", f"global_step_{state.global_step}"])
-        self._finish(exit_code=0)
-
-    def on_train_error(self, args, state, control, error: BaseException | None = None, **kwargs):
-        """Training raised: send what was logged, then finish the run as failed (exit code 1)."""
-        if self._initialized and self._run is not None:
-            self.send_pending_logs()
-            self._finish(exit_code=1)
-
-    def on_integration_error(self, event: str, error: BaseException) -> None:
-        super().on_integration_error(event, error)
-        self._finish(exit_code=1)
 
     def _numeric_summary(self) -> dict[str, float]:
         summary = dict(self._run.summary) if self._run is not None else {}
@@ -150,13 +132,12 @@ class WandbCallback(BatchedLogCallback, ExportableState):
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_")
         }
 
-    def _finish(self, exit_code: int) -> None:
+    def _close(self, failed: bool) -> None:
         run, self._run = self._run, None
         watched, self._watched = self._watched, None
-        self._initialized = False
         if run is None:
             return
         if watched is not None:
             run.unwatch(watched)  # no gradient hooks left on the model once the run is over
         if self._owns_run:
-            run.finish(exit_code=exit_code)
+            run.finish(exit_code=1 if failed else 0)

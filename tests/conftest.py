@@ -14,19 +14,25 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 START_TIMEOUT_S = 60.0
 
-#: tracker settings a test must not inherit from the shell (restored after each test)
-_ISOLATED_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_TAGS",
-    "MLFLOW_NESTED_RUN", "MLFLOW_FLATTEN_PARAMS", "HF_MLFLOW_LOG_ARTIFACTS", "DISABLE_MLFLOW_INTEGRATION",
-    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "FLYTRAIN_TRACKER_TIMEOUT",
-    "DAGSHUB_USER_TOKEN", "DAGSHUB_REPO_OWNER", "DAGSHUB_REPO_NAME", "DAGSHUB_CLIENT_HOST", "DAGSHUB_USERNAME",
-    "DAGSHUB_PASSWORD", "DAGSHUB_HTTP_TIMEOUT", "HF_DAGSHUB_LOG_ARTIFACTS", "BRANCH",
+#: prefixes of every tracker's settings: a test neither inherits them from the shell nor leaks them to the next test
+#: (ClearML also leaves TRAINS_* behind in a process that used it; DagsHub sets MLFLOW_TRACKING_* credentials)
+_TRACKER_ENV_PREFIXES = (
+    "MLFLOW_", "DAGSHUB_", "CLEARML_", "TRAINS_", "WANDB_", "COMET_", "NEPTUNE_", "CODECARBON_", "AZUREML_",
+    "FLYTRAIN_TRACKER_", "HF_MLFLOW_", "HF_DAGSHUB_", "HF_DVCLIVE_",
 )
+_TRACKER_ENV_NAMES = ("DISABLE_MLFLOW_INTEGRATION", "BRANCH")
+
+
+def is_tracker_env(name: str) -> bool:
+    """Whether ``name`` configures a tracker integration (see ``_tracker_env``)."""
+    return (name.startswith(_TRACKER_ENV_PREFIXES) or name in _TRACKER_ENV_NAMES
+            or (name.startswith("FLYTRAIN_") and name.endswith("_SEND_INTERVAL")))
 
 
 def free_port() -> int:
@@ -143,14 +149,15 @@ def mlflow_server_factory(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _tracker_env(monkeypatch):
-    """Short MLflow retries/timeouts, no telemetry, and no tracker settings leaking in or out of a test."""
-    for name in _ISOLATED_ENV:
-        monkeypatch.setenv(name, "")  # recorded, so whatever a test or callback sets is undone afterwards
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("DO_NOT_TRACK", "true")
+def _tracker_env():
+    """Every tracker's variables cleared for the test and the whole environment restored after it (also what a
+    tracker set by itself); short MLflow retries and timeouts, no telemetry."""
+    with mock.patch.dict(os.environ):
+        for name in [n for n in os.environ if is_tracker_env(n)]:
+            del os.environ[name]
+        os.environ.update(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0", MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0",
+            MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
+        )
+        yield

@@ -47,3 +47,22 @@ def accuracy(pred) -> dict[str, float]:
 def make_model(seed: int = 0, **kwargs) -> TinyMLP:
     torch.manual_seed(seed)
     return TinyMLP(**kwargs)
+
+
+def make_trainer(out, *, report_to=(), callbacks=None, n_train: int = 256, n_eval: int = 64, model_seed: int = 0,
+                 args_cls=None, **overrides):
+    """The tracker and resume tests' trainer: the digits MLP, 20 steps logging every 5, a checkpoint and an
+    evaluation every 10, a failing integration is fatal (``strict_integrations``). ``overrides`` are
+    TrainingArguments fields."""
+    from trainer_lib import Trainer, TrainingArguments
+
+    train, evaluation = digits(n_train, n_eval)
+    values = dict(
+        output_dir=str(out), max_steps=20, logging_steps=5, save_steps=10, eval_strategy="steps", eval_steps=10,
+        per_device_train_batch_size=16, report_to=report_to if isinstance(report_to, str) else list(report_to),
+        disable_tqdm=True, strict_integrations=True,
+    )
+    values.update(overrides)
+    args = (args_cls or TrainingArguments)(**values)
+    return Trainer(make_model(model_seed), args, train_dataset=train, eval_dataset=evaluation,
+                   compute_metrics=accuracy, callbacks=callbacks)

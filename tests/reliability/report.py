@@ -110,9 +110,9 @@ def _figures(private_server: Callable[[], object], shared) -> list[tuple[str, Ca
 
 
 def main() -> int:
-    from tests.conftest import _ISOLATED_ENV, MlflowServer
+    from tests.conftest import MlflowServer, is_tracker_env
 
-    for name in _ISOLATED_ENV:
+    for name in [n for n in os.environ if is_tracker_env(n)]:
         os.environ.pop(name, None)
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10",
                       MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0", MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0",

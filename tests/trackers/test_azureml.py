@@ -7,12 +7,13 @@ import importlib.util
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 
 from callbacks.azureml import AzureMLCallback
-from tests.helpers import accuracy, digits, make_model
-from trainer_lib import Trainer, TrainingArguments, resolve_report_to
+from tests.helpers import make_trainer as shared_trainer
+from trainer_lib import TrainingArguments, resolve_report_to
 from trainer_lib.state import TrainerControl, TrainerState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,16 +32,7 @@ class RecordingRun:
         self.calls.append((name, value, description))
 
 
-def make_trainer(out, **overrides) -> Trainer:
-    train, evaluation = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=10, logging_steps=5, save_strategy="no", eval_strategy="steps",
-        eval_steps=10, per_device_train_batch_size=16, disable_tqdm=True, strict_integrations=True,
-    )
-    callbacks = overrides.pop("callbacks", None)
-    values.update(overrides)
-    return Trainer(make_model(), TrainingArguments(**values), train_dataset=train, eval_dataset=evaluation,
-                   compute_metrics=accuracy, callbacks=callbacks)
+make_trainer = partial(shared_trainer, max_steps=10, save_strategy="no")
 
 
 @azureml_missing

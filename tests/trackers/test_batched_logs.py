@@ -9,10 +9,10 @@ import os
 import pytest
 
 from callbacks import DVCLiveCallback, TensorBoardCallback
-from tests.helpers import digits, make_model
+from tests.helpers import make_trainer as shared_trainer
 from tests.trackers.test_tensorboard import read_events, scalars
 from tests.trackers.test_wandb import read_run, wandb_env  # noqa: F401 (fixture)
-from trainer_lib import Trainer, TrainerCallback, TrainingArguments
+from trainer_lib import Trainer, TrainerCallback
 
 
 def dvclive_steps(folder) -> list[int]:
@@ -44,13 +44,8 @@ class Probe(TrainerCallback):
 
 
 def make_trainer(out, callbacks=(), **overrides) -> Trainer:
-    train, _ = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=20, logging_steps=5, save_steps=10, per_device_train_batch_size=16,
-        report_to=["tensorboard", "dvclive"], disable_tqdm=True, strict_integrations=True,
-    )
-    values.update(overrides)
-    trainer = Trainer(make_model(), TrainingArguments(**values), train_dataset=train, callbacks=list(callbacks))
+    overrides = {"report_to": ["tensorboard", "dvclive"], "eval_strategy": "no", **overrides}
+    trainer = shared_trainer(out, callbacks=list(callbacks), **overrides)
     for cb in callbacks:
         cb.handler = trainer.callback_handler
     return trainer

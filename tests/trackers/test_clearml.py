@@ -6,11 +6,11 @@ import glob
 import json
 import os
 import zipfile
+from functools import partial
 
 import pytest
 
-from tests.helpers import accuracy, digits, make_model
-from trainer_lib import Trainer, TrainingArguments
+from tests.helpers import make_trainer as shared_trainer
 
 ACCESS_KEY = "clearml-dummy-access-key"
 SECRET_KEY = "clearml-dummy-secret-0123456789"
@@ -76,16 +76,8 @@ def scalars(session: dict, title: str, series: str) -> list[tuple[int, float]]:
             if e["type"] == "training_stats_scalar" and e["metric"] == title and e["variant"] == series]
 
 
-def make_trainer(out, **overrides) -> Trainer:
-    train, evaluation = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=8, logging_steps=2, save_steps=4, eval_strategy="steps", eval_steps=4,
-        per_device_train_batch_size=16, report_to=["clearml"], disable_tqdm=True, strict_integrations=True,
-        extra={"service_token": SECRET},
-    )
-    values.update(overrides)
-    return Trainer(make_model(), TrainingArguments(**values), train_dataset=train, eval_dataset=evaluation,
-                   compute_metrics=accuracy)
+make_trainer = partial(shared_trainer, report_to=["clearml"], max_steps=8, logging_steps=2, save_steps=4,
+                       eval_steps=4, extra={"service_token": SECRET})
 
 
 @pytest.mark.timeout(120)

@@ -6,11 +6,11 @@ import glob
 import json
 import os
 import zipfile
+from functools import partial
 
 import pytest
 
-from tests.helpers import accuracy, digits, make_model
-from trainer_lib import Trainer, TrainingArguments
+from tests.helpers import make_trainer as shared_trainer
 
 API_KEY = "comet-dummy-key-0123456789"
 SECRET = "comet-s3cr3t-value-42"
@@ -57,16 +57,8 @@ def comet_env(tmp_path, monkeypatch):
     return offline
 
 
-def make_trainer(out, **overrides) -> Trainer:
-    train, evaluation = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=8, logging_steps=2, save_steps=4, eval_strategy="steps", eval_steps=4,
-        per_device_train_batch_size=16, report_to=["comet_ml"], disable_tqdm=True, strict_integrations=True,
-        run_name="digits-mlp", extra={"service_token": SECRET},
-    )
-    values.update(overrides)
-    return Trainer(make_model(), TrainingArguments(**values), train_dataset=train, eval_dataset=evaluation,
-                   compute_metrics=accuracy)
+make_trainer = partial(shared_trainer, report_to=["comet_ml"], max_steps=8, logging_steps=2, save_steps=4,
+                       eval_steps=4, run_name="digits-mlp", extra={"service_token": SECRET})
 
 
 @pytest.mark.timeout(120)

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import uuid
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -19,8 +20,9 @@ from safetensors.torch import load_file
 
 from callbacks._common import REDACTED
 from callbacks.dagshub import DagsHubCallback, configure_mlflow_credentials, require_token, resolve_repo
-from tests.helpers import accuracy, digits, make_model
-from trainer_lib import Trainer, TrainingArguments
+from tests.helpers import make_model
+from tests.helpers import make_trainer as shared_trainer
+from trainer_lib import TrainingArguments
 
 TOKEN = "dh-t0ken-4f8a9c2e71"
 OWNER, REPO = "alice", "digits"
@@ -143,15 +145,8 @@ def dagshub_env(monkeypatch, mlflow_server, stub, tmp_path) -> str:
     return name
 
 
-def make_trainer(out, **overrides) -> Trainer:
-    train, evaluation = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=10, logging_steps=5, save_steps=10, eval_strategy="steps", eval_steps=10,
-        per_device_train_batch_size=16, report_to=["dagshub"], disable_tqdm=True, extra={"hub_token": TOKEN},
-    )
-    values.update(overrides)
-    return Trainer(make_model(), TrainingArguments(**values), train_dataset=train, eval_dataset=evaluation,
-                   compute_metrics=accuracy)
+make_trainer = partial(shared_trainer, report_to=["dagshub"], max_steps=10, save_steps=10,
+                       strict_integrations=False, extra={"hub_token": TOKEN})
 
 
 def test_run_tracked_and_model_committed_without_leaking_the_token(dagshub_env, mlflow_server, stub, tmp_path,
@@ -225,7 +220,7 @@ def test_malformed_tracking_uri_fails_setup(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://dagshub.com/alice")
     monkeypatch.setenv("DAGSHUB_USER_TOKEN", TOKEN)
     with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI"):
-        DagsHubCallback().setup(TrainingArguments(output_dir=str(tmp_path)), None, make_model())
+        DagsHubCallback()._open(TrainingArguments(output_dir=str(tmp_path)), None, make_model())
 
 
 def test_repo_from_tracking_uri_or_env(monkeypatch):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+from functools import partial
 
 import pytest
 
-from tests.helpers import accuracy, digits, make_model
-from trainer_lib import Trainer, TrainingArguments
+from tests.helpers import make_trainer as shared_trainer
 
 SECRET = "dl-s3cr3t-value-42"
 
@@ -25,16 +25,7 @@ def git_repo(tmp_path, monkeypatch):
     return tmp_path
 
 
-def make_trainer(out, **overrides) -> Trainer:
-    train, evaluation = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=20, logging_steps=5, save_steps=10, eval_strategy="steps", eval_steps=10,
-        per_device_train_batch_size=16, report_to=["dvclive"], disable_tqdm=True, strict_integrations=True,
-        extra={"service_token": SECRET},
-    )
-    values.update(overrides)
-    return Trainer(make_model(), TrainingArguments(**values), train_dataset=train, eval_dataset=evaluation,
-                   compute_metrics=accuracy)
+make_trainer = partial(shared_trainer, report_to=["dvclive"], extra={"service_token": SECRET})
 
 
 def rows(path):

@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ import pytest
 from callbacks._common import REDACTED
 from callbacks.mlflow import MLflowCallback, sanitize_name
 from tests.conftest import free_port
-from tests.helpers import accuracy, digits, make_model
-from trainer_lib import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from tests.helpers import make_model
+from tests.helpers import make_trainer as shared_trainer
+from trainer_lib import TrainerCallback, TrainerState, TrainingArguments
 
 SECRET = "mlf-s3cr3t-value-7731"
 HUB_SECRET = "hf_hub_s3cr3t_9911"
@@ -35,15 +37,7 @@ class HubArgs(TrainingArguments):
     hub_token: str | None = None
 
 
-def make_trainer(out, callbacks=None, args_cls=TrainingArguments, **overrides) -> Trainer:
-    train, evaluation = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=20, logging_steps=5, save_steps=10, eval_strategy="steps", eval_steps=10,
-        per_device_train_batch_size=16, report_to=["mlflow"], disable_tqdm=True,
-    )
-    values.update(overrides)
-    return Trainer(make_model(), args_cls(**values), train_dataset=train, eval_dataset=evaluation,
-                   compute_metrics=accuracy, callbacks=callbacks)
+make_trainer = partial(shared_trainer, report_to=["mlflow"], strict_integrations=False)
 
 
 @pytest.fixture
@@ -162,6 +156,32 @@ def test_resume_continues_the_same_run_each_step_once(experiment, mlflow_server,
     assert steps(client, run.info.run_id, "train_loss") == [20]
 
 
+class RaiseAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"stopped at step {self.step}")
+
+
+def test_steps_after_the_crash_come_from_the_resumed_process(experiment, mlflow_server, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="stopped at step 12"):
+        make_trainer(out, callbacks=[RaiseAt(12)]).train()
+    client = client_for(mlflow_server)
+    (run,) = runs_of(client, experiment)
+    assert steps(client, run.info.run_id, "loss") == [5, 10]
+    # another data order after the checkpoint: steps 15 and 20 get losses no uninterrupted run would log
+    resumed = make_trainer(out, data_seed=7)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-10"))
+    (run,) = runs_of(client, experiment)
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert sorted(history) == [5, 10, 15, 20]
+    logged = {e["step"]: e["loss"] for e in resumed.state.log_history if "loss" in e}
+    assert [history[15], history[20]] == pytest.approx([logged[15], logged[20]], rel=1e-6)
+
+
 def test_env_run_id_wins_and_integration_error_marks_failed(experiment, mlflow_server, tmp_path, monkeypatch):
     client = client_for(mlflow_server)
     exp_id = client.create_experiment(experiment)
@@ -171,7 +191,7 @@ def test_env_run_id_wins_and_integration_error_marks_failed(experiment, mlflow_s
     callback = MLflowCallback()
     callback._resume_run_id = "0" * 32  # a checkpoint's id: the environment's wins
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
-    callback.setup(args, TrainerState(), make_model())
+    callback._ensure_setup(args, TrainerState(), make_model())
     assert callback.state()["attributes"]["_resume_run_id"] == target
     assert client.get_run(target).info.status == "RUNNING"
     callback.on_integration_error("on_log", RuntimeError("boom"))

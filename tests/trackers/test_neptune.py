@@ -6,12 +6,12 @@ import glob
 import json
 import logging
 import os
+from functools import partial
 
 import pytest
 
 from callbacks.neptune import NeptuneCallback
-from tests.helpers import accuracy, digits, make_model
-from trainer_lib import Trainer, TrainingArguments
+from tests.helpers import make_trainer as shared_trainer
 from trainer_lib.checkpoint import list_checkpoints
 
 TOKEN = "neptune-dummy-api-token-0123456789"
@@ -53,16 +53,8 @@ def neptune_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def make_trainer(out, callbacks=None, **overrides) -> Trainer:
-    train, evaluation = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=8, logging_steps=2, save_steps=4, eval_strategy="steps", eval_steps=4,
-        per_device_train_batch_size=16, report_to=["neptune"], disable_tqdm=True, strict_integrations=True,
-        extra={"service_token": SECRET},
-    )
-    values.update(overrides)
-    return Trainer(make_model(), TrainingArguments(**values), train_dataset=train, eval_dataset=evaluation,
-                   compute_metrics=accuracy, callbacks=callbacks)
+make_trainer = partial(shared_trainer, report_to=["neptune"], max_steps=8, logging_steps=2, save_steps=4,
+                       eval_steps=4, extra={"service_token": SECRET})
 
 
 @pytest.mark.timeout(90)

@@ -7,12 +7,12 @@ import json
 import os
 import struct
 import time
+from functools import partial
 
 import pytest
 from google.protobuf.message import DecodeError
 
-from tests.helpers import accuracy, digits, make_model
-from trainer_lib import Trainer, TrainingArguments
+from tests.helpers import make_trainer as shared_trainer
 
 SECRET = "wb-s3cr3t-value-42"
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) framed chunks
@@ -96,16 +96,8 @@ def wandb_env(tmp_path, monkeypatch):
         sys.modules["wandb"].teardown()
 
 
-def make_trainer(out, **overrides) -> Trainer:
-    train, evaluation = digits(256, 64)
-    values = dict(
-        output_dir=str(out), max_steps=20, logging_steps=5, save_steps=10, eval_strategy="steps", eval_steps=10,
-        per_device_train_batch_size=16, report_to=["wandb"], disable_tqdm=True, strict_integrations=True,
-        run_name="digits-mlp", extra={"service_token": SECRET, "note": f"uses {SECRET}"},
-    )
-    values.update(overrides)
-    return Trainer(make_model(), TrainingArguments(**values), train_dataset=train, eval_dataset=evaluation,
-                   compute_metrics=accuracy)
+make_trainer = partial(shared_trainer, report_to=["wandb"], run_name="digits-mlp",
+                       extra={"service_token": SECRET, "note": f"uses {SECRET}"})
 
 
 def test_offline_run_config_metrics_artifacts_and_resume(wandb_env, tmp_path, monkeypatch):
