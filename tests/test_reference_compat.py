@@ -78,7 +78,11 @@ def _flytrain_trainer(out, callbacks, **overrides):
 
 
 @pytest.fixture
-def transformers():
+def transformers(tmp_path, monkeypatch):
+    # importing transformers' integrations imports every installed tracker; Comet's then auto-logs into the
+    # working directory: keep the reference's side effects in the test's own folder and off
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COMET_MODE", "disabled")
     return pytest.importorskip("transformers")
 
 
