@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainer_lib.callback import IntegrationCallback
 from trainer_lib.redaction import REDACTED, is_secret_key, redact, secret_values  # noqa: F401 (re-exported)
+
+from ._sending import FailureBudget, Sender
 
 logger = logging.getLogger(__name__)
 
@@ -127,92 +127,6 @@ def send_due(last_send: float | None, interval: float) -> bool:
     return last_send is None or time.monotonic() - last_send >= interval
 
 
-class FailureBudget:
-    """The seconds a failing tracker backend may hold this process up in total (``FLYTRAIN_TRACKER_TIMEOUT``).
-
-    Calls the training thread waits on run through ``call``: in a daemon thread, waited for at most what is left
-    of the budget; a call that fails or does not return in time spends what it took. Once spent, every further
-    call is refused at once, and nothing waits for an abandoned call at exit (a daemon thread is not joined).
-    """
-
-    def __init__(self, seconds: float, what: str) -> None:
-        self.seconds, self.what, self.spent = seconds, what, 0.0
-        self._lock = threading.Lock()
-
-    @property
-    def left(self) -> float:
-        return max(0.0, self.seconds - self.spent)
-
-    def spend(self, seconds: float) -> None:
-        with self._lock:
-            self.spent += seconds
-
-    def exhausted_error(self, cause: str) -> RuntimeError:
-        return RuntimeError(
-            f"{self.what} keeps failing ({cause}); {self.spent:.1f}s spent waiting on it reached "
-            f"FLYTRAIN_TRACKER_TIMEOUT={self.seconds:g}s"
-        )
-
-    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` bounded by the budget; raises its error, or TimeoutError when it did not return."""
-        if self.left <= 0:
-            raise self.exhausted_error(f"{what} not attempted")
-        outcome: dict[str, Any] = {}
-        done = threading.Event()
-
-        def target() -> None:
-            try:
-                outcome["value"] = fn(*args, **kwargs)
-            except BaseException as error:  # handed to the waiting thread
-                outcome["error"] = error
-            done.set()
-
-        start = time.monotonic()
-        threading.Thread(target=target, name=f"flytrain-{what}", daemon=True).start()
-        if not done.wait(self.left):
-            self.spend(self.left)
-            raise TimeoutError(f"{self.what}: {what} did not answer within FLYTRAIN_TRACKER_TIMEOUT={self.seconds:g}s")
-        if "error" in outcome:
-            self.spend(time.monotonic() - start)
-            raise outcome["error"]
-        return outcome.get("value")
-
-
-class _Sender:
-    """One daemon thread that runs a tracker's sends in order, so training never waits for the network."""
-
-    def __init__(self, name: str, on_error: Callable[[str, BaseException, float], None]) -> None:
-        self._queue: queue.Queue = queue.Queue()
-        self._on_error = on_error
-        self._thread = threading.Thread(target=self._run, name=f"flytrain-{name}-sender", daemon=True)
-        self._thread.start()
-
-    def submit(self, what: str, fn: Callable[[], Any]) -> None:
-        self._queue.put((what, fn))
-
-    def _run(self) -> None:
-        while True:
-            what, fn = self._queue.get()
-            start = time.monotonic()
-            try:
-                fn()
-            except BaseException as error:  # reported to the tracker's budget, never kills the thread
-                self._on_error(what, error, time.monotonic() - start)
-            finally:
-                self._queue.task_done()
-
-    def wait(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for every submitted send; whether all finished."""
-        deadline = time.monotonic() + seconds
-        with self._queue.all_tasks_done:
-            while self._queue.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._queue.all_tasks_done.wait(left)
-        return True
-
-
 class TrackerCallback(IntegrationCallback):
     """The one lifecycle of every tracker: a subclass implements ``_open`` (start or continue its run, once, on world
     process zero), ``_send(events)`` (hand over log events, ``(global_step, logs)`` in order) and ``_close(failed)``.
@@ -241,7 +155,7 @@ class TrackerCallback(IntegrationCallback):
         self._last_send: float | None = None  # None: nothing sent yet, so the first event goes out at once
         self._send_interval = send_interval(self.integration_name or "tracker")
         self._budget = FailureBudget(env_seconds("FLYTRAIN_TRACKER_TIMEOUT", 30.0), self.integration_name)
-        self._sender: _Sender | None = None
+        self._sender: Sender | None = None
         self._send_error: BaseException | None = None
         self._warned_failure = False
 
@@ -286,7 +200,7 @@ class TrackerCallback(IntegrationCallback):
             self._send(events)
             return
         if self._sender is None:
-            self._sender = _Sender(self.integration_name, self._send_failed)
+            self._sender = Sender(self.integration_name, self._send_failed)
         self._sender.submit("send", lambda: self._send(events))
 
     def _submit(self, what: str, fn: Callable[[], Any]) -> None:

@@ -8,76 +8,18 @@ failing or hung backend may hold the process up in total, at exit included; defa
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
-import re
 import time
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 from trainer_lib.state import ExportableState
 
-from ._common import (
-    FailureBudget,
-    TrackerCallback,
-    env_flag,
-    flatten_dict,
-    numeric_items,
-    redact,
-    training_params,
-)
+from ._common import FailureBudget, TrackerCallback, env_flag, numeric_items, training_params
+from ._mlflow_names import _chunks, _env_tags, _expand_json_params, sanitize_name
 
 logger = logging.getLogger(__name__)
-
-_BAD_NAME_CHARS = re.compile(r"[^\w\-./ ]")
-
-
-def sanitize_name(name: Any) -> str:
-    """A metric or param name MLflow accepts everywhere: other characters become "_", no empty path parts."""
-    parts = [p for p in _BAD_NAME_CHARS.sub("_", str(name)).split("/") if p not in ("", ".", "..")]
-    return "/".join(parts) or "_"
-
-
-def _env_tags() -> dict[str, str]:
-    raw = os.environ.get("MLFLOW_TAGS", "").strip()
-    if not raw:
-        return {}
-    try:
-        tags = json.loads(raw)
-    except ValueError:
-        tags = None
-    if not isinstance(tags, Mapping):
-        raise ValueError(f"environment variable MLFLOW_TAGS={raw!r}: expected a JSON object, e.g. '{{\"team\": \"nlp\"}}'")
-    return {str(k): str(v) for k, v in tags.items()}
-
-
-def _expand_json_params(params: Mapping[str, Any], flatten: bool) -> dict[str, Any]:
-    """Redact inside JSON-encoded dict values (e.g. ``extra``) too, and spread them out when flattening."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        decoded = None
-        if isinstance(value, str) and value.startswith("{"):
-            try:
-                decoded = json.loads(value)
-            except ValueError:
-                pass
-        if isinstance(decoded, Mapping):
-            clean = redact(decoded)
-            if flatten:
-                out.update({f"{key}.{k}": v for k, v in flatten_dict(clean).items()})
-            else:
-                out[key] = json.dumps(clean, sort_keys=True, default=str)
-        else:
-            out[key] = value
-    return flatten_dict(out) if flatten else out
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), max(1, size)):
-        yield items[start : start + size]
-
 
 class _RunCloser:
     """Ends a run left open when the callback is collected or the process exits (holds no reference to it); bounded
