@@ -213,15 +213,15 @@ class TrackerCallback(IntegrationCallback):
     def flush(self) -> None:
         """Send what is buffered and wait for the sender, at most for what is left of FLYTRAIN_TRACKER_TIMEOUT."""
         self.send_pending_logs()
-        if self._sender is not None and not self._sender.wait(self._budget.left):
+        if self._sender is not None and not self._sender.wait(self._budget.wait_limit):
             self._budget.spend(self._budget.left)
             raise self._budget.exhausted_error("sends still unconfirmed")
         self._raise_send_error()
 
     def _send_failed(self, what: str, error: BaseException, seconds: float) -> None:
         """A send failed (in the sender thread or inline): it spends budget; training goes on until it is spent."""
-        self._budget.spend(seconds)
-        if self._budget.left <= 0:
+        self._budget.spend(max(seconds, 1e-6))  # a failure always counts, however fast it was
+        if self._budget.exhausted:
             self._send_error = self._budget.exhausted_error(f"{what}: {type(error).__name__}: {error}")
         elif not self._warned_failure:
             self._warned_failure = True
@@ -295,10 +295,6 @@ class TrackerCallback(IntegrationCallback):
         self._in_train = False
         self._buffer, self._buffered_values = [], 0
         self._end(failed=True)
-
-
-#: the name the shared base was known by; the base is one class now
-BatchedLogCallback = TrackerCallback
 
 
 #: metrics the Trainer logs once, at the end of training: trackers put them in the run summary, not in charts

@@ -25,6 +25,17 @@ class FailureBudget:
     def left(self) -> float:
         return max(0.0, self.seconds - self.spent)
 
+    @property
+    def exhausted(self) -> bool:
+        """Spent: failures took the whole budget (with 0 seconds: once anything failed)."""
+        return self.spent > 0 and self.spent >= self.seconds
+
+    @property
+    def wait_limit(self) -> float | None:
+        """How long a wait may last now; None with a budget of 0 ("give up at the first failure"), where only the
+        client's own request timeouts bound a call."""
+        return self.left if self.seconds > 0 else None
+
     def spend(self, seconds: float) -> None:
         with self._lock:
             self.spent += seconds
@@ -37,7 +48,7 @@ class FailureBudget:
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` bounded by the budget; raises its error, or TimeoutError when it did not return."""
-        if self.left <= 0:
+        if self.exhausted:
             raise self.exhausted_error(f"{what} not attempted")
         outcome: dict[str, Any] = {}
         done = threading.Event()
@@ -51,11 +62,11 @@ class FailureBudget:
 
         start = time.monotonic()
         threading.Thread(target=target, name=f"flytrain-{what}", daemon=True).start()
-        if not done.wait(self.left):
+        if not done.wait(self.wait_limit):
             self.spend(self.left)
             raise TimeoutError(f"{self.what}: {what} did not answer within FLYTRAIN_TRACKER_TIMEOUT={self.seconds:g}s")
         if "error" in outcome:
-            self.spend(time.monotonic() - start)
+            self.spend(max(time.monotonic() - start, 1e-6))
             raise outcome["error"]
         return outcome.get("value")
 
@@ -83,13 +94,13 @@ class Sender:
             finally:
                 self._queue.task_done()
 
-    def wait(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for every submitted send; whether all finished."""
-        deadline = time.monotonic() + seconds
+    def wait(self, seconds: float | None) -> bool:
+        """Wait up to ``seconds`` (None: as long as it takes) for every submitted send; whether all finished."""
+        deadline = None if seconds is None else time.monotonic() + seconds
         with self._queue.all_tasks_done:
             while self._queue.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     return False
                 self._queue.all_tasks_done.wait(left)
         return True

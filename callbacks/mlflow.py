@@ -256,7 +256,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         try:
             self._budget.call(what, fn, *args, **kwargs)
         except Exception as error:
-            if self._budget.left <= 0:
+            if self._budget.exhausted:
                 raise self._budget.exhausted_error(f"{what}: {type(error).__name__}: {error}") from error
             self._send_failed(what, error, 0.0)
 
@@ -289,5 +289,5 @@ class MLflowCallback(TrackerCallback, ExportableState):
         if closer is None or not closer.open:
             return
         closer.open = False
-        if self._budget.left > 0:
+        if not self._budget.exhausted:
             self._guarded("set_terminated", self._client.set_terminated, self._run_id, status)

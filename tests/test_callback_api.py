@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from tests.helpers import digits, make_model
 from trainer_lib import (
     CallbackHandler,
@@ -77,3 +79,61 @@ def test_on_save_names_the_folder_just_written_and_only_to_this_projects_callbac
     assert native.folders == [(2, str(tmp_path / "checkpoint-2"), True), (4, str(tmp_path / "checkpoint-4"), True)]
     expected = ["eval_dataloader", "lr_scheduler", "model", "optimizer", "processing_class", "train_dataloader"]
     assert reference.kwargs == [expected, expected]
+
+
+def test_gradients_are_clipped_before_on_pre_optimizer_step(tmp_path):
+    norms = []
+
+    class Norms(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+            norms.append(float(torch.cat(grads).norm()))
+
+    train, _ = digits(64, 0)
+    args = TrainingArguments(output_dir=str(tmp_path), disable_tqdm=True, max_steps=3, max_grad_norm=0.01,
+                             per_device_train_batch_size=16, save_strategy="no", report_to="none")
+    trainer = Trainer(make_model(), args, train_dataset=train, callbacks=[Norms()])
+    trainer.train()
+    logged = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    assert len(norms) == 3 and all(n <= 0.01 * (1 + 1e-4) for n in norms)
+    assert all(g > 0.01 for g in logged)  # the norm before clipping was larger: clipping did something
+
+
+ENTRY_POINT_MODULE = '''
+from trainer_lib import IntegrationCallback
+
+SEEN = []
+
+
+class PluginCallback(IntegrationCallback):
+    integration_name = "plugin_tracker"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        SEEN.append(state.global_step)
+'''
+
+
+def test_a_tracker_is_found_through_the_flytrain_integrations_entry_point_group(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from trainer_lib.registry import ENTRY_POINT_GROUP, resolve_report_to
+
+    (tmp_path / "flytrain_plugin_demo.py").write_text(ENTRY_POINT_MODULE)
+    dist = tmp_path / "flytrain_plugin_demo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: flytrain-plugin-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{ENTRY_POINT_GROUP}]\nplugin_tracker = flytrain_plugin_demo:PluginCallback\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    try:
+        (cls,) = resolve_report_to(["plugin_tracker"])
+        assert cls.__name__ == "PluginCallback"
+        train, _ = digits(64, 0)
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), disable_tqdm=True, max_steps=4, logging_steps=2,
+                                 per_device_train_batch_size=16, save_strategy="no", report_to=["plugin_tracker"])
+        Trainer(make_model(), args, train_dataset=train).train()
+        assert sys.modules["flytrain_plugin_demo"].SEEN == [2, 4, 4]  # two step logs, then the train summary
+    finally:
+        sys.modules.pop("flytrain_plugin_demo", None)

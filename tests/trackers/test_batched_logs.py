@@ -1,4 +1,4 @@
-"""Coalesced log delivery (BatchedLogCallback): TensorBoard, W&B and DVCLive hold log events for their send
+"""Coalesced log delivery (callbacks._common.TrackerCallback): TensorBoard, W&B and DVCLive hold log events for their send
 interval, yet send everything before a checkpoint, at the end, and when training raises."""
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -193,10 +192,9 @@ def test_run_tracked_and_model_committed_without_leaking_the_token(dagshub_env, 
 def test_without_token_fails_at_once_and_calls_nobody(dagshub_env, stub, tmp_path, monkeypatch):
     monkeypatch.delenv("DAGSHUB_USER_TOKEN")
     trainer = make_trainer(tmp_path / "out", strict_integrations=True)
-    start = time.monotonic()
     with pytest.raises(RuntimeError, match="DAGSHUB_USER_TOKEN.*MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
         trainer.train()
-    assert time.monotonic() - start < 5
+    assert trainer.state.global_step == 0  # refused when training began, before any step
     assert stub.requests == []
 
 
