@@ -105,7 +105,8 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self._logged_upto: dict[str, int] = {}
         self._existing_params: dict[str, str] = {}
         self._owns_run = False
-        self._budget.call("opening the run", self._open_run, mlflow, args, model)
+        # mlflow's active run is per thread: looked up here, not in the thread the budget runs the call in
+        self._budget.call("opening the run", self._open_run, mlflow.active_run(), args, model)
         if self._owns_run:
             self._closer = _RunCloser(self._client, self._run_id, self._budget)
             self._closer.training = self._in_train
@@ -115,7 +116,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
     def _is_open(self) -> bool:
         return not self._disabled and self._run_id is not None
 
-    def _open_run(self, mlflow, args, model) -> None:
+    def _open_run(self, active, args, model) -> None:
         tags, nested = _env_tags(), env_flag("MLFLOW_NESTED_RUN")
         env_run_id = os.environ.get("MLFLOW_RUN_ID", "").strip() or None
         previous = None if self._in_train else self._previous_run  # evaluate after train end: the same run
@@ -130,11 +131,10 @@ class MLflowCallback(TrackerCallback, ExportableState):
                 raise ValueError(f"MLFLOW_RUN_ID={run_id!r}: no such (undeleted) run at {self._uri}")
             logger.warning("The checkpoint's MLflow run %s is not at %s; starting a new run", run_id, self._uri)
         else:
-            self._new_run(mlflow, args, tags, nested)
+            self._new_run(active, args, tags, nested)
         self._log_params(args, model, env_flag("MLFLOW_FLATTEN_PARAMS"))
 
-    def _new_run(self, mlflow, args, tags: dict[str, str], nested: bool) -> None:
-        active = mlflow.active_run()
+    def _new_run(self, active, args, tags: dict[str, str], nested: bool) -> None:
         if active is not None and not nested:
             # A run the user opened: log into it and leave ending it to them.
             self._run_id, self._experiment_id = active.info.run_id, active.info.experiment_id
