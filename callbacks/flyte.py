@@ -6,14 +6,17 @@ flytekit is imported only when a callback is created or a helper is called, neve
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 
 from trainer_lib import checkpoint as ckpt
 
-from ._common import TrackerCallback, logger
+from ._common import TrackerCallback
 from .flyte_deck import chart_series, log_history_html, log_history_table, svg_line_chart  # noqa: F401 (re-exported)
+
+logger = logging.getLogger(__name__)
 
 
 # -- the Flyte checkpoint --------------------------------------------------------------------------------------
