@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import NamedTuple, Optional
@@ -33,6 +34,7 @@ from workflows import flyte_cache, pipeline
 from workflows.config import ConfigError, DataConfig, PipelineConfig
 from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck
 from workflows.image import build_image
+from workflows.interrupts import StepWatch, interrupted_notice
 from workflows.overrides import apply_overrides
 
 logger = logging.getLogger(__name__)
@@ -157,6 +159,26 @@ def _resume_point(sandbox: str) -> str | None:
     return found
 
 
+def _is_local_run() -> bool:
+    """A `pyflyte run` on this machine: an interruption ends the command (no retry will follow)."""
+    from flytekit.core.context_manager import ExecutionState, FlyteContextManager
+
+    state = FlyteContextManager.current_context().execution_state
+    local = (ExecutionState.Mode.LOCAL_WORKFLOW_EXECUTION, ExecutionState.Mode.LOCAL_TASK_EXECUTION)
+    return state is not None and state.mode in local
+
+
+def _end_local_run(error: BaseException, watch: StepWatch, checkpoint_dir: str | None) -> None:
+    """Ctrl-C or SIGTERM of a local run: one notice and exit 130/143, not a few hundred lines of traceback."""
+    if checkpoint_dir or watch.step is None:
+        message = interrupted_notice(watch, checkpoint_dir)
+    else:
+        message = (f"interrupted at step {watch.step}; its checkpoints were in a temporary folder: "
+                   "pass --workdir DIR to make a run resumable")
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(128 + (signal.SIGTERM if isinstance(error, Preempted) else signal.SIGINT)) from None
+
+
 def run_training(config: PipelineConfig, data: FlyteDirectory, workdir: str) -> TrainOutputs:
     """The body of both training tasks: pipeline.train with Flyte resume, trackers and error classification."""
     _log_to_stderr()
@@ -165,6 +187,7 @@ def run_training(config: PipelineConfig, data: FlyteDirectory, workdir: str) -> 
     run_dir = os.path.abspath(workdir) if workdir else os.path.join(sandbox, "run")
     model_dir = os.path.join(sandbox, "model")
     logs_dir = os.path.join(run_dir, "tensorboard")
+    watch = StepWatch()
     try:
         with _sigterm_raises():
             data_dir = data.download()
@@ -177,8 +200,11 @@ def run_training(config: PipelineConfig, data: FlyteDirectory, workdir: str) -> 
                 resume=resume,
                 report_to=flyte_report_to(config),
                 logging_dir=logs_dir,
+                callbacks=[watch],
             )
     except BaseException as error:
+        if isinstance(error, Preempted | KeyboardInterrupt) and _is_local_run():
+            _end_local_run(error, watch, os.path.join(run_dir, "checkpoints") if workdir else None)
         if is_recoverable(error):
             raise FlyteRecoverableException(
                 f"training interrupted by {type(error).__name__}: {error}; a retry resumes from the newest checkpoint"
