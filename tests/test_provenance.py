@@ -113,3 +113,20 @@ def test_strict_integrations_reaches_the_trainer_and_a_missing_token_is_a_config
     assert not (tmp_path / "ckpt").exists()
     monkeypatch.setenv("DAGSHUB_USER_TOKEN", "tok-123456")
     assert [cls.integration_name for cls in pipeline.check_trackers(["dagshub"])] == ["dagshub"]
+
+
+def test_tensorboard_run_gets_the_provenance_text_and_the_test_metrics_at_the_last_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_registry import independent_hash
+
+    config = PipelineConfig.from_dict({"model": {"hidden_sizes": [16]}, "training": {
+        "max_steps": 20, "eval_strategy": "no", "save_strategy": "no", "report_to": ["tensorboard"]}})
+    metrics = pipeline.run(config, str(tmp_path))
+    facts = json.loads((tmp_path / "model" / "provenance.json").read_text())
+    acc = EventAccumulator(facts["trackers"]["tensorboard"]["log_dir"], size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("test/accuracy")] == [(20, metrics["test_accuracy"])]
+    (event,) = acc.Tensors("provenance/text_summary")
+    text = json.loads(event.tensor_proto.string_val[0].decode())
+    assert text["data"]["split_hashes"]["test"] == independent_hash(tmp_path / "data", "test")

@@ -272,9 +272,11 @@ def _report(config: PipelineConfig, model_dir: str, out_dir: str, metrics: dict[
     """Test metrics and the confusion matrix into the training's MLflow runs, then the MLflow Model (registered when
     a name is configured): the pipeline's last step, once."""
     facts = provenance.read(model_dir) or {}
+    strict = config.training.strict_integrations
+    if "tensorboard" in (facts.get("trackers") or {}):
+        registry._guarded("TensorBoard test metrics", strict, registry.report_to_tensorboard, model_dir, metrics)
     if not any(name in registry.MLFLOW_TRACKERS for name in facts.get("trackers") or {}):
         return
-    strict = config.training.strict_integrations
     registry.report_test_metrics(model_dir, metrics, [os.path.join(out_dir, "confusion.csv")], strict)
     registry.log_and_register(config, model_dir, example, strict)
 

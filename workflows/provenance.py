@@ -129,7 +129,8 @@ def collect(config, config_hash: str, split_hashes: dict[str, str], tracker_modu
 
 
 def tracker_runs(callbacks: list) -> dict[str, dict[str, Any]]:
-    """The run ids of the trackers among ``callbacks``: MLflow (and DagsHub's MLflow) run + experiment, W&B path."""
+    """The runs of the trackers among ``callbacks``: MLflow (and DagsHub's MLflow) run + experiment, the TensorBoard
+    log dir, the W&B run path."""
     runs: dict[str, dict[str, Any]] = {}
     for cb in callbacks:
         name = getattr(cb, "integration_name", "")
@@ -137,6 +138,8 @@ def tracker_runs(callbacks: list) -> dict[str, dict[str, Any]]:
         if name in ("mlflow", "dagshub") and run_id:
             runs[name] = {"run_id": run_id, "experiment_id": getattr(cb, "_experiment_id", None),
                           "tracking_uri": getattr(cb, "_uri", None)}
+        elif name == "tensorboard" and getattr(cb, "log_dir", None):
+            runs[name] = {"log_dir": os.path.abspath(cb.log_dir)}
         elif name == "wandb" and getattr(cb, "_run", None) is not None:
             run = cb._run
             runs[name] = {"run_path": "/".join(str(p) for p in (run.entity, run.project, run.id) if p)}

@@ -1,5 +1,6 @@
-"""The pipeline's MLflow side beyond the training callback: provenance tags and ``data.*`` params on the run, the
-evaluate stage's test metrics in the same run, and at the end the MLflow Model, registered with an alias.
+"""The pipeline's tracker side beyond the training callbacks: provenance tags and ``data.*`` params on the MLflow
+run, the evaluate stage's test metrics in the same MLflow run and TensorBoard log dir, and at the end the MLflow
+Model, registered with an alias.
 
 Everything here runs once per stage (never in the training loop) with ``MlflowClient`` on the run id that the
 MLflow/DagsHub callback recorded (provenance.json's ``trackers``). A tracker failing here is reported once and the
@@ -8,6 +9,7 @@ pipeline goes on, unless ``training.strict_integrations``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -42,7 +44,7 @@ def _guarded(what: str, strict: bool, fn, *args, **kwargs):
     except Exception as error:
         if strict:
             raise
-        logger.warning("MLflow %s failed (%s: %s); the pipeline goes on without it", what, type(error).__name__, error)
+        logger.warning("%s failed (%s: %s); the pipeline goes on without it", what, type(error).__name__, error)
         return None
 
 
@@ -64,10 +66,10 @@ def tag_tracker_runs(facts: dict[str, Any], strict: bool = False) -> None:
     params = {f"data.{k}": str(v) for k, v in (facts.get("config") or {}).get("data", {}).items()}
     for _name, run in runs:
         client, _ = _client(run)
-        existing = _guarded("get_run", strict, client.get_run, run["run_id"])
+        existing = _guarded("MLflow get_run", strict, client.get_run, run["run_id"])
         known = dict(existing.data.params) if existing is not None else {}
         new_params = [Param(k, v) for k, v in params.items() if k not in known]
-        _guarded("tagging the run", strict, client.log_batch, run["run_id"],
+        _guarded("MLflow tagging the run", strict, client.log_batch, run["run_id"],
                  params=new_params, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
 
 
@@ -83,10 +85,31 @@ def report_test_metrics(model_dir: str, metrics: dict[str, float], files: list[s
         client, _ = _client(run)
         stamp = int(time.time() * 1000)
         batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-        _guarded("logging test metrics", strict, client.log_batch, run["run_id"], metrics=batch)
+        _guarded("MLflow logging test metrics", strict, client.log_batch, run["run_id"], metrics=batch)
         for path in files:
-            _guarded("logging " + os.path.basename(path), strict, client.log_artifact, run["run_id"], path,
+            _guarded("MLflow logging " + os.path.basename(path), strict, client.log_artifact, run["run_id"], path,
                      "evaluation")
+
+
+def report_to_tensorboard(model_dir: str, metrics: dict[str, float]) -> bool:
+    """The provenance (as text) and the test metrics (``test/<name>`` at the training's last step) into the
+    training's TensorBoard log dir, when it is on this machine; returns whether it was."""
+    facts = provenance.read(model_dir) or {}
+    log_dir = ((facts.get("trackers") or {}).get("tensorboard") or {}).get("log_dir")
+    if not log_dir or not os.path.isdir(log_dir):
+        return False
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = int(facts.get("global_step") or 0)
+    writer = SummaryWriter(log_dir=log_dir)
+    try:
+        writer.add_text("provenance", json.dumps({k: v for k, v in facts.items() if k != "config"}, indent=2,
+                                                 sort_keys=True), step)
+        for key, value in metrics.items():
+            writer.add_scalar(key.replace("test_", "test/", 1), value, step)
+    finally:
+        writer.close()
+    return True
 
 
 def registered_name(config, tracker: str = "mlflow") -> str | None:
@@ -105,7 +128,7 @@ def log_and_register(config, model_dir: str, example, strict: bool = False) -> l
     results = []
     for name, run in _mlflow_runs(facts):
         _prepare_credentials(name)
-        result = _guarded("logging the model", strict, _log_one, config, model_dir, example, facts, run, name)
+        result = _guarded("MLflow logging the model", strict, _log_one, config, model_dir, example, facts, run, name)
         if result:
             results.append(result)
     return results
