@@ -15,6 +15,7 @@ import shutil
 import socket
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ class CheckpointPayload:
     images: dict[str, Any] = field(default_factory=dict)
     #: optimizer.json, when the optimizer's tensors come as an image
     optimizer_meta: str | None = None
+    #: further small text files by name (the run fingerprint, trainer_lib.identity), covered by the manifest
+    texts: dict[str, str] = field(default_factory=dict)
 
 
 # -- shared (tied) tensors -----------------------------------------------------------------------------------
@@ -200,6 +203,8 @@ def write_checkpoint(payload: CheckpointPayload, output_dir: str) -> str:
         _write_text(os.path.join(tmp, TRAINER_STATE), payload.trainer_state_json)
         _write_text(os.path.join(tmp, LOOP_STATE), json.dumps(payload.loop_state, indent=2, sort_keys=True))
         _write_text(os.path.join(tmp, ARGS), payload.args_json)
+        for name, text in payload.texts.items():
+            _write_text(os.path.join(tmp, name), text)
         files = {}
         for name in sorted(os.listdir(tmp)):
             if name in known:
@@ -350,16 +355,23 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def rotate_checkpoints(output_dir: str, save_total_limit: int | None, keep: list[str | None]) -> list[str]:
-    """Delete the oldest checkpoints beyond ``save_total_limit``, never the newest nor any in ``keep``."""
+def rotate_checkpoints(output_dir: str, save_total_limit: int | None, keep: list[str | None],
+                       mine: Callable[[str], bool] | None = None) -> list[str]:
+    """Delete the oldest checkpoints beyond ``save_total_limit``, never the newest nor any in ``keep``.
+
+    With ``mine`` only the checkpoints it accepts (the current run's) are counted and deleted: rotation never
+    touches another run's checkpoints.
+    """
     if not save_total_limit:
         return []
     checkpoints = list_checkpoints(output_dir)
+    if mine is not None:
+        checkpoints = [p for p in checkpoints if mine(p)]
     if len(checkpoints) <= save_total_limit:
         return []
     protected = {os.path.normpath(p) for p in keep if p} | {os.path.normpath(checkpoints[-1])}
     removable = [p for p in checkpoints if os.path.normpath(p) not in protected]
-    excess = len(checkpoints) - max(save_total_limit, len(protected))
+    excess = len(checkpoints) - max(save_total_limit, len([p for p in checkpoints if os.path.normpath(p) in protected]))
     deleted = removable[: max(0, excess)]
     for path in deleted:
         logger.info("Deleting older checkpoint [%s] due to save_total_limit=%s", path, save_total_limit)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import checkpoint as ckpt
-from . import tensorfile
+from . import identity, tensorfile
 from .callback_state import collect_callback_states, restore_callback_states
 from .checkpoint import CheckpointError
 from .distributed import barrier, broadcast_object
@@ -50,6 +50,8 @@ class Checkpointer:
         self._staging = StagingArea()
         self._images = tensorfile.ImageStaging()
         self.accept: Callable[[str], bool] | None = None
+        #: the run's fingerprint (trainer_lib.identity.attach): written into every checkpoint, limits rotation
+        self.fingerprint = None
 
     @property
     def output_dir(self) -> str:
@@ -117,7 +119,10 @@ class Checkpointer:
             else:
                 weights, images, optimizer_meta = _weights_for_saving(trainer.model), {}, None
                 optimizer_state = trainer.optimizer.state_dict()
+            if self.fingerprint is not None:  # run identity: never overwrite another run's checkpoint-<step>
+                identity.set_aside_other_run(self.output_dir, step, self.fingerprint)
             payload = ckpt.CheckpointPayload(
+                texts={identity.FINGERPRINT: self.fingerprint.to_json()} if self.fingerprint is not None else {},
                 images=images, optimizer_meta=optimizer_meta, step=step, weights=weights, optimizer=optimizer_state,
                 scheduler=copy.deepcopy(trainer.lr_scheduler.state_dict()), rng=capture_rng(),
                 trainer_state_json=state.to_json_string(), loop_state=loop.to_json(),
@@ -159,7 +164,7 @@ class Checkpointer:
         trainer = self.trainer
         if trainer.dist.is_world_zero and trainer.args.save_total_limit:
             ckpt.rotate_checkpoints(self.output_dir, trainer.args.save_total_limit,
-                                    [trainer.state.best_model_checkpoint])
+                                    [trainer.state.best_model_checkpoint, folder], mine=self._mine())
         if self.writer.asynchronous:
             # Completion of a background write, seen steps later: fire on_save without touching the flags that
             # the flow callback may have set for the current step (should_save was cleared at submission).
@@ -193,7 +198,13 @@ class Checkpointer:
     def rotate(self) -> None:
         args = self.trainer.args
         if self.trainer.dist.is_world_zero and args.save_total_limit:
-            ckpt.rotate_checkpoints(self.output_dir, args.save_total_limit, [self.trainer.state.best_model_checkpoint])
+            ckpt.rotate_checkpoints(self.output_dir, args.save_total_limit, [self.trainer.state.best_model_checkpoint],
+                                    mine=self._mine())
+
+    def _mine(self) -> Callable[[str], bool] | None:
+        """Rotation counts and deletes only checkpoints of this run (same fingerprint)."""
+        fingerprint = self.fingerprint
+        return None if fingerprint is None else (lambda path: identity.belongs_to(path, fingerprint))
 
     # -- the best and the final model ------------------------------------------------------------------------
     def load_best(self) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import hpsearch
+from . import hpsearch, identity
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
 from .callback import CallbackHandler
 from .checkpointing import Checkpointer
@@ -86,6 +86,7 @@ class Trainer(EvaluationMixin):
         optimizers: tuple = (None, None),
         processing_class=None,
         model_init=None,
+        fingerprint_extra: Mapping[str, Any] | None = None,
     ):
         self.args = args if args is not None else TrainingArguments()
         self.model_init = model_init
@@ -109,6 +110,10 @@ class Trainer(EvaluationMixin):
         self.compute_metrics = compute_metrics
         self.processing_class = processing_class
         self.optimizer, self.lr_scheduler = optimizers
+        # run identity (trainer_lib.identity): what the caller adds to the fingerprint (e.g. the training data's
+        # content hash), and which of optimizer/scheduler the caller built (then they, not the arguments, count)
+        self.fingerprint_extra = dict(fingerprint_extra or {})
+        self._given_optimizers = optimizers
         self.state = TrainerState(
             is_local_process_zero=self.dist.is_local_zero, is_world_process_zero=self.dist.is_world_zero
         )
@@ -234,7 +239,14 @@ class Trainer(EvaluationMixin):
         return _Plan(dataloader, batches, updates, math.ceil(args.num_train_epochs * updates),
                      math.ceil(args.num_train_epochs))
 
-    def _begin(self, resume_from_checkpoint, trial) -> tuple[_Plan, ResumePoint | None, torch.nn.Module]:
+    def run_fingerprint(self) -> identity.RunFingerprint:
+        """What determines this run's math (model, trajectory-changing arguments, ``fingerprint_extra``)."""
+        optimizer, scheduler = self._given_optimizers
+        return identity.fingerprint(self.model, self.args, optimizer=optimizer, lr_scheduler=scheduler,
+                                    extra=self.fingerprint_extra)
+
+    def _begin(self, resume_from_checkpoint, trial, ignore_fingerprint: bool = False
+               ) -> tuple[_Plan, ResumePoint | None, torch.nn.Module]:
         """Everything before the first step: the plan, optimizer and scheduler, the checked checkpoint applied."""
         args = self.args
         if args.eval_strategy != IntervalStrategy.NO and self.eval_dataset is None:
@@ -244,7 +256,11 @@ class Trainer(EvaluationMixin):
         self.create_optimizer_and_scheduler(plan.max_steps)
         target = Target(self.model, self.optimizer, self.lr_scheduler, plan.max_steps, plan.num_train_epochs,
                         plan.updates_per_epoch, args.output_dir)
+        # run identity: only a checkpoint of this run is resumed, unless fine-tuning from another was asked for
+        identity.attach(self.checkpointer, self.run_fingerprint(), resume_from_checkpoint, ignore_fingerprint)
         point = self.checkpointer.find(resume_from_checkpoint, target)  # read and checked whole, nothing applied
+        if point is not None and ignore_fingerprint:  # fine-tuning: the current hyperparameters win
+            point = identity.with_current_hyperparameters(point, self.optimizer, self.lr_scheduler)
         self.state = TrainerState(train_batch_size=args.per_device_train_batch_size)
         if point is not None:
             self.checkpointer.apply(point)  # before the model is wrapped: DDP broadcasts rank 0's weights
@@ -265,20 +281,30 @@ class Trainer(EvaluationMixin):
         self._guard.reset(self.state.global_step)
         return plan, point, model
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs) -> TrainOutput:
-        """Train; ``resume_from_checkpoint`` is a checkpoint folder, or True for the newest valid one.
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_fingerprint: bool = False,
+              **kwargs) -> TrainOutput:
+        """Train; ``resume_from_checkpoint`` is a checkpoint folder, or True for the newest valid one of this run.
 
+        A checkpoint of another run (another fingerprint) is refused unless ``ignore_fingerprint=True`` with an
+        explicit folder: then its weights and optimizer moments are used with the current hyperparameters.
         ``trial`` (a hyperparameter-search trial or a dict of values) applies its values first; with ``model_init``
         every call starts from a fresh model, seeded like the first.
         """
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        if ignore_fingerprint and (resume_from_checkpoint is True or not resume_from_checkpoint):
+            raise ValueError("train(ignore_fingerprint=True) needs resume_from_checkpoint=<a checkpoint folder>")
         hpsearch.setup_trial(self, trial)
         if self.model_init is not None:
             self._reinit_model(trial)
+        # run identity: one training per output folder; only world process zero writes there, so only it locks
+        with identity.folder_lock(self.args.output_dir) if self.dist.is_world_zero else contextlib.nullcontext():
+            return self._train(resume_from_checkpoint, trial, ignore_fingerprint)
+
+    def _train(self, resume_from_checkpoint, trial, ignore_fingerprint: bool) -> TrainOutput:
         args = self.args
         try:
-            plan, point, model = self._begin(resume_from_checkpoint, trial)
+            plan, point, model = self._begin(resume_from_checkpoint, trial, ignore_fingerprint)
             gas, state, handler = args.gradient_accumulation_steps, self.state, self.callback_handler
             epochs_trained = state.global_step // plan.updates_per_epoch
             batches_to_skip = (state.global_step % plan.updates_per_epoch) * gas

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--model-dir", default="models/model")
     t.add_argument("--metrics-file", help="also copy the train summary (train_metrics.json) here, e.g. a DVC metric")
     t.add_argument("--dvclive-dir", help="also log with DVCLive into this folder (the DVC stage's declared output)")
+    t.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="start from this checkpoint folder (refused when it belongs to another run)")
+    t.add_argument("--ignore-fingerprint", action="store_true",
+                   help="with --resume-from: fine-tune from another run's checkpoint (the config's settings win)")
     e = sub.add_parser("evaluate", help="test-set metrics, confusion matrix and curves")
     e.add_argument("--data-dir", default="data/prepared")
     e.add_argument("--model-dir", default="models/model")
@@ -56,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             meta = pipeline.prepare(config, args.data_dir)
             print(json.dumps(meta["sizes"]))
         elif args.stage == "train":
+            if args.ignore_fingerprint and not args.resume_from:
+                raise ConfigError("--ignore-fingerprint needs --resume-from CHECKPOINT")
             live, overrides = _dvclive(config, args.dvclive_dir)
             result = pipeline.train(config, args.data_dir, args.checkpoint_dir, args.model_dir,
+                                    resume=args.resume_from or True, ignore_fingerprint=args.ignore_fingerprint,
                                     callbacks=[watch, *live], **overrides)
             if args.metrics_file:
                 os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
@@ -74,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from trainer_lib.identity import RunLockedError
+
+        if not isinstance(error, RunLockedError):
+            raise
+        print(f"error: {error}", file=sys.stderr)  # another training holds the folder: nothing was touched
+        return 3
     finally:
         restore_signals()
     return 0

@@ -6,6 +6,7 @@ these functions, so both give the same results.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer_lib import EarlyStoppingCallback, Trainer, TrainingArguments
+from trainer_lib import EarlyStoppingCallback, Trainer, TrainingArguments, identity
 from trainer_lib import checkpoint as ckpt
 from trainer_lib.checkpoint import load_weights
 from trainer_lib.distributed import broadcast_object
@@ -39,8 +40,15 @@ def prepare(config: PipelineConfig, data_dir: str) -> dict[str, Any]:
     """Load the source, split it and write the splits into ``data_dir``; returns the split metadata."""
     features, labels, classes = data_lib.load_source(config.data)
     splits = data_lib.split(features, labels, config.data)
-    data_lib.write_splits(splits, classes, data_dir)
+    with identity.folder_lock(data_dir, lock_file=sibling_lock(data_dir)):  # data_dir itself is replaced whole
+        data_lib.write_splits(splits, classes, data_dir)
     return data_lib.read_meta(data_dir)
+
+
+def sibling_lock(folder: str) -> str:
+    """The lock file of a folder that is replaced as a whole: next to it (``.<name>.flytrain.lock``)."""
+    parent, name = os.path.split(os.path.abspath(folder.rstrip("/")))
+    return os.path.join(parent, f".{name}{identity.LOCK_FILE}")
 
 
 def accuracy_metrics(prediction) -> dict[str, float]:
@@ -92,32 +100,81 @@ def check_trackers(report_to: list[str]) -> list[type]:
     return classes
 
 
-def _checkpoint_to_resume(config: PipelineConfig, checkpoint_dir: str) -> str | None:
-    """The newest valid checkpoint of an unfinished run of this same config; other checkpoints are set aside.
+def _read_marker(checkpoint_dir: str) -> dict[str, Any] | None:
+    """run_config.json, or None when it is absent or unreadable (a marker cut off by a crash never blocks a rerun:
+    the checkpoints' fingerprints, not the marker, say which run they belong to)."""
+    path = os.path.join(checkpoint_dir, RUN_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring unreadable %s (%s)", path, error)
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _checkpoint_to_resume(checkpoint_dir: str, current: identity.RunFingerprint) -> str | None:
+    """The newest valid checkpoint of an unfinished run with this fingerprint; other runs' checkpoints, and those of
+    a finished run, are moved to ``<checkpoint_dir>.previous/`` (logged with the reason).
 
     A finished run is not resumed: training it again means its code or data changed, or a rerun was forced.
     """
-    marker = os.path.join(checkpoint_dir, RUN_CONFIG)
-    digest = _config_digest(config)
-    if ckpt.list_checkpoints(checkpoint_dir):
-        stored: dict[str, Any] = {}
-        if os.path.isfile(marker):
-            with open(marker, encoding="utf-8") as f:
-                stored = json.load(f)
-        if stored.get("digest") != digest or stored.get("finished"):
-            previous = checkpoint_dir.rstrip("/") + ".previous"
-            reason = "a finished run" if stored.get("digest") == digest else "another config"
-            logger.warning("checkpoints in %s belong to %s; moving them to %s", checkpoint_dir, reason, previous)
-            shutil.rmtree(previous, ignore_errors=True)
-            os.rename(checkpoint_dir, previous)
-    _write_marker(config, checkpoint_dir, finished=False)
-    return ckpt.latest_valid_checkpoint(checkpoint_dir)
+    checkpoints = ckpt.list_checkpoints(checkpoint_dir)
+    mine, others = identity.split_by_run(checkpoints, current)
+    previous = checkpoint_dir.rstrip("/") + ".previous"
+    stored = _read_marker(checkpoint_dir) or {}
+    if mine and stored.get("finished") is True and stored.get("fingerprint") == current.digest:
+        identity.move_aside(checkpoints, previous, "the run they belong to had finished, and a finished run is "
+                            "never resumed: training from scratch")
+        return None
+    if others:
+        newest = identity.read_fingerprint(others[-1])
+        why = "; ".join(identity.differences(newest, current)[:4]) if newest else f"no {identity.FINGERPRINT}"
+        identity.move_aside(others, previous, f"they belong to another run ({why}); "
+                            + ("resuming this run's newest checkpoint" if mine else "training from scratch"))
+    for path in reversed(mine):
+        try:
+            ckpt.validate_checkpoint(path)
+            return path
+        except ckpt.CheckpointError as error:
+            logger.warning("skipping %s", error)
+    return None
 
 
-def _write_marker(config: PipelineConfig, checkpoint_dir: str, finished: bool) -> None:
+def _write_marker(config: PipelineConfig, checkpoint_dir: str, current: identity.RunFingerprint,
+                  finished: bool) -> None:
+    """run_config.json, written atomically: what ran here and whether it finished (informative, and the one
+    bit the checkpoints cannot say: that their run is complete)."""
     os.makedirs(checkpoint_dir, exist_ok=True)
-    value = {"digest": _config_digest(config), "config": config.to_dict(), "finished": finished}
-    _write_json(os.path.join(checkpoint_dir, RUN_CONFIG), value)
+    value = {"fingerprint": current.digest, "config": config.to_dict(), "finished": finished}
+    _write_json_atomic(os.path.join(checkpoint_dir, RUN_CONFIG), value)
+
+
+def _write_json_atomic(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _training_data_hash(meta: dict[str, Any], train_dataset) -> str:
+    """The train split's content hash recorded by prepare (older prepared folders: hashed from memory)."""
+    recorded = (meta.get("split_hashes") or {}).get("train")
+    if recorded:
+        return recorded
+    return data_lib.array_hash(train_dataset.x.numpy(), train_dataset.y.numpy())
 
 
 def build_trainer(
@@ -132,13 +189,15 @@ def build_trainer(
     all_callbacks = list(callbacks or [])
     if config.training.early_stopping_patience > 0:
         all_callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
+    train_dataset = data_lib.load_split(data_dir, "train")
     return Trainer(
         model,
         args,
-        train_dataset=data_lib.load_split(data_dir, "train"),
+        train_dataset=train_dataset,
         eval_dataset=data_lib.load_split(data_dir, "val"),
         compute_metrics=accuracy_metrics,
         callbacks=all_callbacks,
+        fingerprint_extra={"training_data": _training_data_hash(meta, train_dataset)},
     )
 
 
@@ -159,13 +218,17 @@ def train(
     model_dir: str,
     *,
     resume: bool | str = True,
+    ignore_fingerprint: bool = False,
     callbacks: list | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Train (continuing from the newest checkpoint of the same config when ``resume``) and write the model.
+    """Train (continuing the newest checkpoint of the same run when ``resume``) and write the model.
 
-    ``model_dir`` receives model.safetensors, config.json, meta.json, training_args.json, log_history.json and
-    train_metrics.json; it is replaced only when training succeeded.
+    The whole config is checked and the run's fingerprint computed before anything on disk is touched; then the
+    checkpoint folder is locked for the whole stage. ``resume`` may name a checkpoint; with ``ignore_fingerprint``
+    that may be another run's (fine-tuning from it). ``model_dir`` receives model.safetensors, config.json,
+    meta.json, training_args.json, log_history.json and train_metrics.json; it is replaced only when training
+    succeeded.
     """
     tracker_classes = check_trackers(config.training.report_to)
     meta = data_lib.read_meta(data_dir)
@@ -177,47 +240,50 @@ def train(
     recorder = provenance.ProvenanceCallback(facts)
     trainer = build_trainer(config, data_dir, checkpoint_dir, [*(callbacks or []), recorder], **overrides)
     recorder.callbacks = trainer.callback_handler.callbacks
-    if resume is True:
-        # one process decides (and may move checkpoints aside); under torch.distributed the others follow it
-        resume_from = _checkpoint_to_resume(config, checkpoint_dir) if trainer.dist.is_world_zero else None
-        resume_from = broadcast_object(resume_from, trainer.dist)
-    elif resume:
-        resume_from = resume
-    else:
-        resume_from = None
-    if resume_from:
-        logger.info("resuming from %s", resume_from)
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    current = trainer.run_fingerprint()
+    rank_zero = trainer.dist.is_world_zero
+    with identity.folder_lock(checkpoint_dir) if rank_zero else contextlib.nullcontext():
+        if resume is True:
+            # one process decides (and may move checkpoints aside); under torch.distributed the others follow it
+            resume_from = _checkpoint_to_resume(checkpoint_dir, current) if rank_zero else None
+            resume_from = broadcast_object(resume_from, trainer.dist)
+        else:
+            resume_from = resume or None
+        if rank_zero:
+            _write_marker(config, checkpoint_dir, current, finished=False)
+        if resume_from:
+            logger.info("resuming from %s", resume_from)
+        output = trainer.train(resume_from_checkpoint=resume_from, ignore_fingerprint=ignore_fingerprint)
 
-    tmp = model_dir.rstrip("/") + ".tmp"
-    if trainer.dist.is_world_zero:
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(tmp)  # every rank takes part; only world process zero writes the model folder
-    if not trainer.dist.is_world_zero:
-        return {"global_step": output.global_step, "train_loss": output.training_loss, "resumed_from": resume_from}
-    _write_json(os.path.join(tmp, "config.json"), trainer.model.config)
-    shutil.copy(os.path.join(data_dir, data_lib.META), os.path.join(tmp, data_lib.META))
-    history = [_without_timing(entry) for entry in trainer.state.log_history]
-    _write_json(os.path.join(tmp, "log_history.json"), history)
-    summary = _without_timing(output.metrics)
-    summary.update(
-        global_step=output.global_step,
-        best_metric=trainer.state.best_metric,
-        best_global_step=trainer.state.best_global_step,
-    )
-    # the last validation metrics: what a hyperparameter search scores a trial by (`dvc exp show --sort-by`)
-    last_eval = next((e for e in reversed(history) if "eval_loss" in e), {})
-    summary.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
-    _write_json(os.path.join(tmp, "train_metrics.json"), summary)
-    facts.update(ended_at=provenance.now(), global_step=output.global_step,
-                 trackers=provenance.tracker_runs(trainer.callback_handler.callbacks))
-    if recorder.first_started_at:
-        facts["first_started_at"] = recorder.first_started_at
-    provenance.write(facts, tmp)
-    data_lib._replace_dir(tmp, model_dir)
-    if resume is True:
-        _write_marker(config, checkpoint_dir, finished=True)
-    return {"global_step": output.global_step, "train_loss": output.training_loss, "resumed_from": resume_from}
+        tmp = model_dir.rstrip("/") + ".tmp"
+        if rank_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(tmp)  # every rank takes part; only world process zero writes the model folder
+        result = {"global_step": output.global_step, "train_loss": output.training_loss, "resumed_from": resume_from}
+        if not rank_zero:
+            return result
+        _write_json(os.path.join(tmp, "config.json"), trainer.model.config)
+        shutil.copy(os.path.join(data_dir, data_lib.META), os.path.join(tmp, data_lib.META))
+        history = [_without_timing(entry) for entry in trainer.state.log_history]
+        _write_json(os.path.join(tmp, "log_history.json"), history)
+        summary = _without_timing(output.metrics)
+        summary.update(
+            global_step=output.global_step,
+            best_metric=trainer.state.best_metric,
+            best_global_step=trainer.state.best_global_step,
+        )
+        # the last validation metrics: what a hyperparameter search scores a trial by (`dvc exp show --sort-by`)
+        last_eval = next((e for e in reversed(history) if "eval_loss" in e), {})
+        summary.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
+        _write_json(os.path.join(tmp, "train_metrics.json"), summary)
+        facts.update(ended_at=provenance.now(), global_step=output.global_step,
+                     trackers=provenance.tracker_runs(trainer.callback_handler.callbacks))
+        if recorder.first_started_at:
+            facts["first_started_at"] = recorder.first_started_at
+        provenance.write(facts, tmp)
+        data_lib._replace_dir(tmp, model_dir)
+        _write_marker(config, checkpoint_dir, current, finished=True)
+    return result
 
 
 def load_model(model_dir: str):
@@ -237,6 +303,11 @@ def load_model(model_dir: str):
 def evaluate(config: PipelineConfig, data_dir: str, model_dir: str, out_dir: str) -> dict[str, float]:
     """Test-set metrics (metrics.json), a confusion matrix (confusion.csv), training curves (CSV) and static charts
     (plots/*.svg, workflows.plots) in ``out_dir``."""
+    with identity.folder_lock(out_dir):
+        return _evaluate(config, data_dir, model_dir, out_dir)
+
+
+def _evaluate(config: PipelineConfig, data_dir: str, model_dir: str, out_dir: str) -> dict[str, float]:
     model = load_model(model_dir)
     meta = data_lib.read_meta(data_dir)
     test = data_lib.load_split(data_dir, "test")
@@ -298,8 +369,14 @@ def _write_curves(model_dir: str, out_dir: str) -> None:
 
 
 def run(config: PipelineConfig, workdir: str, callbacks: list | None = None) -> dict[str, float]:
-    """The whole pipeline in ``workdir`` (data/, checkpoints/, model/, metrics/); returns the test metrics."""
-    data_dir = os.path.join(workdir, "data")
-    prepare(config, data_dir)
-    train(config, data_dir, os.path.join(workdir, "checkpoints"), os.path.join(workdir, "model"), callbacks=callbacks)
-    return evaluate(config, data_dir, os.path.join(workdir, "model"), os.path.join(workdir, "metrics"))
+    """The whole pipeline in ``workdir`` (data/, checkpoints/, model/, metrics/); returns the test metrics.
+
+    The training section is checked before anything is written, and ``workdir`` is locked for the whole run.
+    """
+    training_arguments(config, os.path.join(workdir, "checkpoints"))
+    with identity.folder_lock(workdir):
+        data_dir = os.path.join(workdir, "data")
+        prepare(config, data_dir)
+        train(config, data_dir, os.path.join(workdir, "checkpoints"), os.path.join(workdir, "model"),
+              callbacks=callbacks)
+        return evaluate(config, data_dir, os.path.join(workdir, "model"), os.path.join(workdir, "metrics"))

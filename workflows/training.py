@@ -30,6 +30,7 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from callbacks.flyte import NotInFlyteTask, current_flyte_checkpoint, restore_from_flyte, save_to_flyte
+from trainer_lib.identity import RunLockedError
 from workflows import flyte_cache, pipeline
 from workflows.config import ConfigError, DataConfig, PipelineConfig
 from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck
@@ -115,14 +116,15 @@ def flyte_report_to(config: PipelineConfig) -> list[str]:
 def is_recoverable(error: BaseException) -> bool:
     """Whether a retry may succeed: preemption, I/O and runtime (torch, dataloader, NCCL/gloo) failures.
 
-    Config and programming errors (ValueError, TypeError, KeyError, a missing file) fail the same way again.
+    Config and programming errors (ValueError, TypeError, KeyError, a missing file) fail the same way again, and so
+    does a checkpoint of another run (CheckpointError) or a workdir that another execution holds (RunLockedError).
     """
     if isinstance(error, Preempted | FlyteSystemException | MemoryError):
         return True
     if isinstance(error, FileNotFoundError | NotADirectoryError | IsADirectoryError | PermissionError):
         return False
-    if isinstance(error, NotImplementedError | RecursionError | NotInFlyteTask):
-        return False
+    if isinstance(error, NotImplementedError | RecursionError | NotInFlyteTask | RunLockedError):
+        return False  # RunLockedError: another execution trains in this --workdir; a retry would race it
     return isinstance(error, OSError | RuntimeError)
 
 
@@ -191,6 +193,9 @@ def run_training(config: PipelineConfig, data: FlyteDirectory, workdir: str) -> 
     try:
         with _sigterm_raises():
             data_dir = data.download()
+            # the previous attempt's checkpoint is resumed only when it belongs to this run (same fingerprint:
+            # pipeline.train refuses another run's with a CheckpointError); --workdir reuse is pipeline.train's
+            # resume=True: the newest checkpoint of this run, under the workdir's lock
             resume = _resume_point(sandbox) or True
             pipeline.train(
                 config,
