@@ -282,6 +282,7 @@ def test_two_runs_on_one_workdir_one_trains_and_kills_end_in_each_configs_own_we
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_ten_kill_trials_of_two_runs_on_one_workdir():
     results = identity_faults.identity_trials(kills=10, rounds=2, seed=2)
     failed = [(case, detail) for case, held, detail in results if not held]

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.reliability import bad_inputs, checks, hostile, trackers_faults
+from tests.reliability import bad_inputs, checks, hostile, identity_faults, trackers_faults
 
 Trial = tuple[str, bool, str]
 
@@ -106,6 +106,8 @@ def _figures(private_server: Callable[[], object], shared) -> list[tuple[str, Ca
         ("R10 non-finite loss / gradient norm, settings", hostile.nonfinite_trials),
         ("R11 tied weights (sync, async, save_model)", hostile.tied_weights_trials),
         ("R12 background-write errors, temporary folders", hostile.async_error_trials),
+        ("R13 run identity: two runs on one workdir (together, then killed at random moments 10 times, rerun)",
+         lambda: identity_faults.identity_trials(kills=10, rounds=2)),
     ]
 
 
