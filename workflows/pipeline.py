@@ -121,6 +121,10 @@ def _checkpoint_to_resume(checkpoint_dir: str, current: identity.RunFingerprint)
 
     A finished run is not resumed: training it again means its code or data changed, or a rerun was forced.
     """
+    if os.path.isdir(checkpoint_dir):  # a marker write cut off by a crash leaves its temporary file
+        for name in os.listdir(checkpoint_dir):
+            if name.startswith(f"{RUN_CONFIG}.tmp-"):
+                os.remove(os.path.join(checkpoint_dir, name))
     checkpoints = ckpt.list_checkpoints(checkpoint_dir)
     mine, others = identity.split_by_run(checkpoints, current)
     previous = checkpoint_dir.rstrip("/") + ".previous"
