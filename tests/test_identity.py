@@ -287,3 +287,19 @@ def test_ten_kill_trials_of_two_runs_on_one_workdir():
     results = identity_faults.identity_trials(kills=10, rounds=2, seed=2)
     failed = [(case, detail) for case, held, detail in results if not held]
     assert not failed, failed
+
+
+def test_a_retry_handed_another_runs_checkpoint_fails_for_good_naming_the_difference(prepared, tmp_path):
+    """The Flyte retry path (pipeline.train with the previous attempt's checkpoint) obeys the same rule, and the
+    refusal is not retried."""
+    from workflows import pipeline
+    from workflows.config import PipelineConfig
+    from workflows.training import is_recoverable
+
+    checkpoint = os.path.join(_interrupted(prepared, tmp_path), "checkpoint-10")
+    other = PipelineConfig.from_dict(identity_faults.CONFIGS["B"])
+    with pytest.raises(CheckpointError, match="learning_rate: 0.001 in the checkpoint, 0.003 now") as refused:
+        pipeline.train(other, prepared["data"], str(tmp_path / "retry"), str(tmp_path / "model"), report_to=[],
+                       resume=checkpoint)
+    assert not is_recoverable(refused.value) and not list_checkpoints(str(tmp_path / "retry"))
+    assert not is_recoverable(identity.RunLockedError("busy"))
