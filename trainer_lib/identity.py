@@ -80,6 +80,8 @@ ARGUMENT_ROLES: dict[str, tuple[bool, str]] = {
     "strict_integrations": (OUT, "observation"),
     "torch_compile": (IN, "compiled kernels round differently"),
     "async_checkpointing": (OUT, "how the run is stored"),
+    "skip_nonfinite_steps": (OUT, "stop or skip at a non-finite step: the steps before it are the same, and a run "
+                                  "stopped by one must be resumable with skipping turned on"),
     "use_cpu": (OUT, "where the run executes; checkpoints are device-independent"),
     "extra": (IN, "free-form values whose meaning flytrain cannot know"),
 }
