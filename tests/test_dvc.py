@@ -199,9 +199,6 @@ def test_a_training_param_change_reruns_train_and_evaluate_but_not_prepare(proje
     assert "Stage 'prepare' didn't change, skipping" in output
     assert "Running stage 'train'" in output and "Running stage 'evaluate'" in output
     assert resumed_from(output) == [None]  # the old config's checkpoints are set aside, not resumed
-    # ... and the stage says so: which checkpoints, why (what differs), where they went, and that it starts over
-    assert "belong to another run (learning_rate: 0.001 in the checkpoint, 0.002 now" in output
-    assert "checkpoints.previous" in output and "training from scratch" in output
     assert digests(repo)["models/model/model.safetensors"] != project["digests"]["models/model/model.safetensors"]
 
 
