@@ -9,11 +9,14 @@ backend; it is imported only when a search runs (``pip install 'flytrain[tune]'`
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
 
 from .arguments import TrainingArguments
 
@@ -190,3 +193,48 @@ def hyperparameter_search(
         trainer._hp_base_args = None
         trainer.hp_search_backend = None
         trainer._trial = None
+
+
+class HyperparameterSearchMixin:
+    """``model_init``, ``call_model_init`` and ``hyperparameter_search`` as the reference Trainer has them; mixed
+    into Trainer."""
+
+    def _init_hp_search(self) -> None:
+        self.hp_search_backend = self.hp_space = self.hp_name = self.objective = self._trial = None
+        self._hp_base_args: TrainingArguments | None = None
+        self.compute_objective = default_compute_objective
+
+    def call_model_init(self, trial=None) -> torch.nn.Module:
+        """``model_init()`` or ``model_init(trial)``, whichever it takes; it must return a torch.nn.Module."""
+        takes_trial = len(inspect.signature(self.model_init).parameters) >= 1
+        model = self.model_init(trial) if takes_trial else self.model_init()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model_init must return a torch.nn.Module, got {type(model).__name__}")
+        return model
+
+    def _reinit_model(self, trial) -> None:
+        from .trainer import set_seed  # at call time: trainer imports this module
+
+        set_seed(self.args.seed)  # every trial (and every train() call) starts from the same seeded state
+        self.model = self.call_model_init(trial).to(self.device)
+        self._wrapped_model = None
+        self.optimizer, self.lr_scheduler = None, None
+        self.callback_handler.model = self.model
+
+    def hyperparameter_search(
+        self,
+        hp_space=None,
+        compute_objective=None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name=None,
+        **kwargs,
+    ) -> BestRun | list[BestRun]:
+        """Search hyperparameters with Optuna (the reference's API): ``hp_space(trial)`` returns the trial's values,
+        ``model_init`` builds each trial's model, ``compute_objective(metrics)`` scores an evaluation (default: the
+        loss, or the sum of the other metrics); ``kwargs`` go to ``optuna.create_study`` (sampler, pruner, storage,
+        ...) besides ``timeout`` and ``gc_after_trial``. Returns the best run (a list for several directions)."""
+        return hyperparameter_search(
+            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
+        )

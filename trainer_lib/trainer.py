@@ -19,10 +19,12 @@ from . import hpsearch, identity
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
 from .callback import CallbackHandler
 from .checkpointing import Checkpointer
-from .data import ResumableBatchSampler, default_data_collator, make_loader
+from .data import default_data_collator
 from .distributed import DistInfo, mean_across_ranks, setup_distributed
 from .evaluation import EvaluationMixin, speed_metrics
 from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
+from .hpsearch import HyperparameterSearchMixin
+from .loaders import DataLoaderMixin
 from .nonfinite import NonFiniteGuard
 from .optim import create_optimizer, create_scheduler
 from .registry import resolve_report_to
@@ -71,7 +73,7 @@ def _loss_of(outputs: Any) -> torch.Tensor:
     return loss
 
 
-class Trainer(EvaluationMixin):
+class Trainer(DataLoaderMixin, HyperparameterSearchMixin, EvaluationMixin):
     """Train, evaluate and predict with a ``torch.nn.Module`` whose ``forward(**batch)`` returns ``loss``/``logits``."""
 
     def __init__(
@@ -150,51 +152,6 @@ class Trainer(EvaluationMixin):
 
     def remove_callback(self, callback) -> None:
         self.callback_handler.remove_callback(callback)
-
-    def _loader(self, dataset, batch_sampler) -> DataLoader:
-        return make_loader(dataset, batch_sampler, self.data_collator, self.args.dataloader_num_workers,
-                           pin_memory=self.device.type == "cuda", seed=self.args.seed)
-
-    def get_train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            raise ValueError("Trainer: training requires a train_dataset")
-        size, args = len(self.train_dataset), self.args
-        sampler = ResumableBatchSampler(
-            size, args.per_device_train_batch_size, shuffle=True, drop_last=args.dataloader_drop_last,
-            seed=args.data_seed if args.data_seed is not None else args.seed,
-            num_replicas=self.dist.world_size, rank=self.dist.rank,
-        )
-        if len(sampler) == 0:
-            raise ValueError(
-                f"the training dataset has {size} samples: fewer than one batch of "
-                f"per_device_train_batch_size={args.per_device_train_batch_size} with dataloader_drop_last"
-            )
-        return self._loader(self.train_dataset, sampler)
-
-    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("Trainer: evaluation requires an eval_dataset")
-        # The evaluation order is fixed, so the loader of the same dataset (same length, batch size and collator)
-        # is reused from one evaluation to the next; the cache holds the dataset, so its id cannot be recycled.
-        key = (id(dataset), len(dataset), self.args.per_device_eval_batch_size, id(self.data_collator),
-               self.args.dataloader_num_workers)
-        cached = self._eval_loaders.get(key)
-        if cached is None:
-            if len(self._eval_loaders) >= 4:
-                self._eval_loaders.pop(next(iter(self._eval_loaders)))
-            cached = self._eval_loaders[key] = (dataset, self._sequential_loader(dataset))
-        return cached[1]
-
-    def get_test_dataloader(self, test_dataset) -> DataLoader:
-        return self._sequential_loader(test_dataset)
-
-    def _sequential_loader(self, dataset) -> DataLoader:
-        if len(dataset) == 0:
-            raise ValueError("the evaluation dataset is empty")
-        sampler = ResumableBatchSampler(len(dataset), self.args.per_device_eval_batch_size, shuffle=False,
-                                        num_replicas=self.dist.world_size, rank=self.dist.rank)
-        return self._loader(dataset, sampler)
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         if self.optimizer is None:
@@ -475,44 +432,3 @@ class Trainer(EvaluationMixin):
     def save_model(self, output_dir: str | None = None) -> str:
         """Write the model's weights (safetensors) and the arguments to ``output_dir``, atomically per file."""
         return self.checkpointer.save_model(output_dir)
-
-    # -- hyperparameter search -------------------------------------------------------------------------------
-    def _init_hp_search(self) -> None:
-        self.hp_search_backend = self.hp_space = self.hp_name = self.objective = self._trial = None
-        self._hp_base_args: TrainingArguments | None = None
-        self.compute_objective = hpsearch.default_compute_objective
-
-    def call_model_init(self, trial=None) -> torch.nn.Module:
-        """``model_init()`` or ``model_init(trial)``, whichever it takes; it must return a torch.nn.Module."""
-        import inspect
-
-        takes_trial = len(inspect.signature(self.model_init).parameters) >= 1
-        model = self.model_init(trial) if takes_trial else self.model_init()
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model_init must return a torch.nn.Module, got {type(model).__name__}")
-        return model
-
-    def _reinit_model(self, trial) -> None:
-        set_seed(self.args.seed)  # every trial (and every train() call) starts from the same seeded state
-        self.model = self.call_model_init(trial).to(self.device)
-        self._wrapped_model = None
-        self.optimizer, self.lr_scheduler = None, None
-        self.callback_handler.model = self.model
-
-    def hyperparameter_search(
-        self,
-        hp_space=None,
-        compute_objective=None,
-        n_trials: int = 20,
-        direction: str | list[str] = "minimize",
-        backend: str | None = None,
-        hp_name=None,
-        **kwargs,
-    ) -> hpsearch.BestRun | list[hpsearch.BestRun]:
-        """Search hyperparameters with Optuna (the reference's API): ``hp_space(trial)`` returns the trial's values,
-        ``model_init`` builds each trial's model, ``compute_objective(metrics)`` scores an evaluation (default: the
-        loss, or the sum of the other metrics); ``kwargs`` go to ``optuna.create_study`` (sampler, pruner, storage,
-        ...) besides ``timeout`` and ``gc_after_trial``. Returns the best run (a list for several directions)."""
-        return hpsearch.hyperparameter_search(
-            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
-        )
