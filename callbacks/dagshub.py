@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from trainer_lib.checkpoint import ARGS, WEIGHTS
+from trainer_lib.redaction import mask_urls
 
 from ._common import env_flag, env_seconds, redact
 from .mlflow import MLflowCallback
@@ -63,7 +64,7 @@ def resolve_repo() -> DagsHubRepo:
     path = [p for p in urlsplit(uri.strip()).path.split("/") if p] if _origin(uri) else []
     if len(path) != 2 or not path[1].endswith(".mlflow") or path[1] == ".mlflow":
         raise ValueError(
-            f"DagsHub: MLFLOW_TRACKING_URI={uri!r} is not a DagsHub tracking URI; expected "
+            f"DagsHub: MLFLOW_TRACKING_URI={mask_urls(uri)!r} is not a DagsHub tracking URI; expected "
             f"'https://dagshub.com/<owner>/<repo>.mlflow' (or set DAGSHUB_REPO_OWNER and DAGSHUB_REPO_NAME)"
         )
     return DagsHubRepo(path[0], path[1][: -len(".mlflow")], client_host or _origin(uri), branch)

@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trainer_lib.redaction import redact
+
 #: log keys that measure time (or cost): collapsed under <details> in the table and never charted
 TIMING_SUFFIXES = ("_runtime", "_per_second")
 TIMING_KEYS = ("total_flos",)
@@ -201,7 +203,9 @@ def log_history_table(history: Sequence[Mapping[str, Any]], max_rows: int = MAX_
 
 
 def log_history_html(history: Sequence[Mapping[str, Any]]) -> str:
-    """The training deck's body: one chart per series (a grid as wide as the page), then the table."""
+    """The training deck's body: one chart per series (a grid as wide as the page), then the table (redacted like
+    every file flytrain writes)."""
+    history = [redact(entry) for entry in history]
     charts = "".join(svg_line_chart(key, points) for key, points in chart_series(history).items())
     return (
         f'{STYLE}<h3>Training curves</h3><div class="flytrain-charts">{charts}</div>'
@@ -279,7 +283,9 @@ def evaluation_html(
     matrix: Sequence[Sequence[int]],
     trackers: Mapping[str, Mapping[str, Any]],
 ) -> str:
-    """The evaluation deck's body: test metrics, the confusion heatmap with per-class scores, the tracker runs."""
+    """The evaluation deck's body: test metrics, the confusion heatmap with per-class scores, the tracker runs
+    (redacted: a tracking URI may carry a password)."""
+    trackers = redact(trackers)
     return (
         f"{STYLE}<h3>Test metrics</h3>{key_value_table(metrics)}"
         f"<h3>Confusion matrix (test set)</h3>{confusion_heatmap(classes, matrix)}"

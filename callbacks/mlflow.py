@@ -14,6 +14,7 @@ import time
 import weakref
 from typing import Any
 
+from trainer_lib.redaction import mask_urls
 from trainer_lib.state import ExportableState
 
 from ._common import FailureBudget, TrackerCallback, env_flag, numeric_items, training_params
@@ -96,7 +97,13 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self._params_per_batch = validation.MAX_PARAMS_TAGS_PER_BATCH
         self.max_buffered_values = validation.MAX_METRICS_PER_BATCH
         self._uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-        self._budget.what = f"MLflow at {self._uri}"
+        #: the URI as shown in messages: a password in it (http://user:pw@host) is masked
+        self._shown_uri = mask_urls(self._uri)
+        if self._shown_uri != self._uri:
+            # MLflow prints "View run at <host>" with the URI's userinfo when a run ends; its own switch turns
+            # that line off, and _close_as shows the link masked instead
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        self._budget.what = f"MLflow at {self._shown_uri}"
         self._client = mlflow.MlflowClient(self._uri)
         # this thread waits for each request itself (mlflow's own async queue is drained unbounded at exit)
         self._sync = {"synchronous": True} if "synchronous" in inspect.signature(self._client.log_batch).parameters else {}
@@ -111,7 +118,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
             self._closer = _RunCloser(self._client, self._run_id, self._budget)
             self._closer.training = self._in_train
             weakref.finalize(self, self._closer)
-        logger.info("MLflow run %s (experiment %s) at %s", self._run_id, self._experiment_id, self._uri)
+        logger.info("MLflow run %s (experiment %s) at %s", self._run_id, self._experiment_id, self._shown_uri)
 
     def _is_open(self) -> bool:
         return not self._disabled and self._run_id is not None
@@ -128,8 +135,8 @@ class MLflowCallback(TrackerCallback, ExportableState):
                 self._reattach(run, tags)
                 break
             if source == "MLFLOW_RUN_ID":
-                raise ValueError(f"MLFLOW_RUN_ID={run_id!r}: no such (undeleted) run at {self._uri}")
-            logger.warning("The checkpoint's MLflow run %s is not at %s; starting a new run", run_id, self._uri)
+                raise ValueError(f"MLFLOW_RUN_ID={run_id!r}: no such (undeleted) run at {self._shown_uri}")
+            logger.warning("The checkpoint's MLflow run %s is not at %s; starting a new run", run_id, self._shown_uri)
         else:
             self._new_run(active, args, tags, nested)
         self._log_params(args, model, env_flag("MLFLOW_FLATTEN_PARAMS"))
@@ -257,7 +264,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
             self._budget.call(what, fn, *args, **kwargs)
         except Exception as error:
             if self._budget.exhausted:
-                raise self._budget.exhausted_error(f"{what}: {type(error).__name__}: {error}") from error
+                raise self._budget.exhausted_error(f"{what}: {type(error).__name__}: {mask_urls(str(error))}") from error
             self._send_failed(what, error, 0.0)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -291,3 +298,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         closer.open = False
         if not self._budget.exhausted:
             self._guarded("set_terminated", self._client.set_terminated, self._run_id, status)
+            if self._shown_uri != self._uri and self._shown_uri.startswith("http"):
+                # MLflow's own link is switched off for a URI with a password (see setup)
+                logger.info("View MLflow run at %s/#/experiments/%s/runs/%s", self._shown_uri.rstrip("/"),
+                            self._experiment_id, self._run_id)

@@ -19,6 +19,7 @@ from . import identity, tensorfile
 from .callback_state import collect_callback_states, restore_callback_states
 from .checkpoint import CheckpointError
 from .distributed import barrier, broadcast_object
+from .redaction import redact
 from .resume import (
     LoopPosition,
     ResumePoint,
@@ -238,7 +239,7 @@ class Checkpointer:
             config = getattr(trainer.model, "config", None)
             if isinstance(config, dict):
                 with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
-                    json.dump(config, f, indent=2, sort_keys=True)
+                    json.dump(redact(config), f, indent=2, sort_keys=True, default=str)
         broadcast_object(None, trainer.dist)
         return output_dir
 

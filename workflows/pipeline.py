@@ -20,6 +20,7 @@ from trainer_lib import EarlyStoppingCallback, Trainer, TrainingArguments, ident
 from trainer_lib import checkpoint as ckpt
 from trainer_lib.checkpoint import load_weights
 from trainer_lib.distributed import broadcast_object
+from trainer_lib.redaction import redact
 
 from . import data as data_lib
 from . import plots, provenance, registry
@@ -152,7 +153,7 @@ def _write_marker(config: PipelineConfig, checkpoint_dir: str, current: identity
     """run_config.json, written atomically: what ran here and whether it finished (informative, and the one
     bit the checkpoints cannot say: that their run is complete)."""
     os.makedirs(checkpoint_dir, exist_ok=True)
-    value = {"fingerprint": current.digest, "config": config.to_dict(), "finished": finished}
+    value = {"fingerprint": current.digest, "config": redact(config.to_dict()), "finished": finished}
     _write_json_atomic(os.path.join(checkpoint_dir, RUN_CONFIG), value)
 
 
@@ -266,7 +267,7 @@ def train(
         result = {"global_step": output.global_step, "train_loss": output.training_loss, "resumed_from": resume_from}
         if not rank_zero:
             return result
-        _write_json(os.path.join(tmp, "config.json"), trainer.model.config)
+        _write_json(os.path.join(tmp, "config.json"), redact(trainer.model.config))
         shutil.copy(os.path.join(data_dir, data_lib.META), os.path.join(tmp, data_lib.META))
         history = [_without_timing(entry) for entry in trainer.state.log_history]
         _write_json(os.path.join(tmp, "log_history.json"), history)
