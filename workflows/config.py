@@ -1,6 +1,9 @@
 """The one config object of a run, shared by Python, params.yaml (DVC) and the Flyte workflow's input.
 
-Loading is strict: an unknown key or a value of the wrong type is an error naming the key path.
+Loading is strict: an unknown key or a value of the wrong type is an error naming the key path. Loading is also
+bounded: a file over MAX_CONFIG_BYTES, or YAML whose aliases expand to more than MAX_CONFIG_VALUES values or nest
+deeper than MAX_CONFIG_DEPTH (an alias bomb), is refused before anything walks it, and an error message shows at
+most a short excerpt of a value.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import json
 import math
 import os
 import re
+import reprlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +26,62 @@ import yaml
 PIPELINE_METRICS = {None, "accuracy", "loss", "eval_accuracy", "eval_loss"}
 
 
+#: the largest params.yaml / config file read (a real one is a few hundred bytes)
+MAX_CONFIG_BYTES = 1 << 20
+#: the most values (mapping entries, list items, scalars) a config may hold once YAML aliases are expanded
+MAX_CONFIG_VALUES = 10_000
+#: the deepest nesting of mappings and lists a config may have (the schema itself is 3 levels deep)
+MAX_CONFIG_DEPTH = 32
+#: the range of a seed (numpy and scikit-learn take 0 .. 2**32 - 1)
+SEED_RANGE = (0, 2**32 - 1)
+#: the range of any other integer (what torch and numpy index with)
+INT_RANGE = (-(2**63), 2**63 - 1)
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
+
+
 class ConfigError(ValueError):
     """A config value that is unknown, of the wrong type or out of range; the message names its key."""
+
+
+def show(value: Any) -> str:
+    """A bounded excerpt of ``value`` for an error message (reprlib stops early, so a huge value costs nothing)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_size(data: Any, origin: str) -> None:
+    """Refuse a parsed config whose aliases expand too far, counting at most MAX_CONFIG_VALUES values."""
+    count = 0
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{origin}: more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded "
+                              "(an alias bomb?)")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{origin}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def parse_text(text: str, origin: str) -> Any:
+    """YAML/JSON text → plain data (PyYAML's safe loader: no objects built), bounded as the module says."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{origin}: {len(text)} characters, more than a config may hold ({MAX_CONFIG_BYTES})")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        detail = " ".join(str(error).split())
+        raise ConfigError(f"{origin} is not valid YAML/JSON: {detail[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deeply") from None
+    _check_size(data, origin)
+    return data
 
 
 @dataclass
@@ -119,12 +178,15 @@ class PipelineConfig:
         """Read a YAML or JSON file (params.yaml); a missing or malformed file is an error naming it."""
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as error:
-                detail = " ".join(str(error).split())
-                raise ConfigError(f"config file {path!r} is not valid YAML/JSON: {detail}") from None
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path!r} is {size} bytes, more than a config may hold ({MAX_CONFIG_BYTES})")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(MAX_CONFIG_BYTES + 1)
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        data = parse_text(text, f"config file {path!r}")
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
         try:
@@ -137,18 +199,35 @@ class PipelineConfig:
         """From a JSON/YAML string, or from a file path when ``text`` names a file."""
         if os.path.isfile(text):
             return cls.load(text)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config is neither a file nor valid JSON/YAML: {error}") from None
+        data = parse_text(text, "config (neither a file nor JSON/YAML)")
         if not isinstance(data, dict):
-            raise ConfigError(f"config must be a mapping or a file path, got {text!r}")
+            raise ConfigError(f"config must be a mapping or a file path, got {show(text)}")
         return cls.from_dict(data)
 
     @classmethod
     def from_json(cls, text: str) -> PipelineConfig:
-        """Strict JSON parsing; ``pyflyte run --config`` uses it, so an unknown key is an error there too."""
-        return cls.from_dict(json.loads(text))
+        """Strict JSON parsing; ``pyflyte run --config`` uses it, so an unknown key is an error there too.
+
+        An error is a click ``BadParameter`` when click is loaded (pyflyte then prints its short usage error
+        instead of a traceback); it is still a ConfigError's message, naming the key.
+        """
+        try:
+            if len(text) > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config: {len(text)} characters, more than a config may hold ({MAX_CONFIG_BYTES})")
+            try:
+                data = json.loads(text)
+            except RecursionError:
+                raise ConfigError("config: nested too deeply") from None
+            except ValueError as error:
+                raise ConfigError(f"config is not valid JSON: {error}") from None
+            _check_size(data, "config")
+            return cls.from_dict(data)
+        except ConfigError as error:
+            click = sys.modules.get("click")
+            if click is None:
+                raise
+            usage_error = type("ConfigParameterError", (ConfigError, click.BadParameter), {})
+            raise usage_error(str(error), param_hint="'--config'") from None
 
     def digest(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -168,40 +247,48 @@ def _check_type(value: Any, annotation: Any, path: str) -> Any:
                 return _check_type(value, option, path)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{path}: unexpected value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{path}: unexpected value {show(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {show(value)}")
         return [_check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+            raise ConfigError(f"{path}: expected true or false, got {show(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {show(value)}")
+        low, high = SEED_RANGE if path.endswith("seed") else INT_RANGE
+        if not low <= value <= high:
+            raise ConfigError(f"{path}: expected an integer from {low} to {high}, got {show(value)}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{path}: expected a number, got {show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {show(value)}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {show(value)}")
         return value
     return value
 
 
 def _build(cls, data: dict[str, Any], prefix: str, defaults: dict[str, Any] | None = None):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        names = ", ".join(f"{prefix}{k}" for k in unknown)
+        names = ", ".join(f"{prefix}{show(k) if not isinstance(k, str) else k[:60]}" for k in unknown[:5])
+        names += f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise ConfigError(f"unknown config key(s) {names}; valid keys here are {sorted(fields)}")
     values = {}
     for name, value in data.items():
@@ -221,7 +308,7 @@ def _build(cls, data: dict[str, Any], prefix: str, defaults: dict[str, Any] | No
 
 def _validate(instance: Any, prefix: str) -> None:
     def bad(name: str, expected: str) -> None:
-        raise ConfigError(f"{prefix}{name}: expected {expected}, got {getattr(instance, name)!r}")
+        raise ConfigError(f"{prefix}{name}: expected {expected}, got {show(getattr(instance, name))}")
 
     if isinstance(instance, DataConfig):
         for name in ("val_fraction", "test_fraction"):
