@@ -1,17 +1,27 @@
-"""Command line: ``python -m workflows {prepare,train,evaluate,run}`` — the DVC stages and the default job."""
+"""Command line: ``python -m workflows {prepare,train,evaluate,run}`` — the DVC stages and the default job.
+
+Every failure is one line on stderr, ``error: …``: exit status 2 for a config or data error (the input must change),
+1 for a runtime error (a full disk, a read-only or forbidden output path, training that diverged, anything else).
+``FLYTRAIN_DEBUG=1`` also prints the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+import traceback
 
 from .config import ConfigError, PipelineConfig
 from .interrupts import Interrupted, StepWatch, interrupted_notice, raise_on_interrupt_signals
+
+#: most characters of an error message shown (a message may quote a long value)
+MAX_ERROR_CHARS = 500
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
@@ -78,16 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"test accuracy: {metrics['test_accuracy']:.4f} ({time.time() - started:.1f} s)")
     except Interrupted as stop:
         return _report_interruption(stop, args, watch)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        from trainer_lib.identity import RunLockedError
-
-        if not isinstance(error, RunLockedError):
-            raise
-        print(f"error: {error}", file=sys.stderr)  # another training holds the folder: nothing was touched
-        return 3
+    except Exception as error:
+        status, message = describe_error(error, _outputs(args))
+        if os.environ.get("FLYTRAIN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return status
     finally:
         restore_signals()
     return 0
@@ -137,6 +143,49 @@ def _queue_search(args: argparse.Namespace) -> int:
         print(f"queued {len(commands)} experiments: run them with `dvc queue start -j 1`, then "
               f"`dvc exp show --sort-by metrics/train.json:{search.metric} --sort-order {order}`")
     return 0
+
+
+def _outputs(args: argparse.Namespace) -> list[str]:
+    """The folders and files this stage writes, named when an OS error does not say which path failed."""
+    names = ("data_dir", "checkpoint_dir", "model_dir", "out_dir", "metrics_file", "workdir")
+    written = {"prepare": {"data_dir"}, "train": {"checkpoint_dir", "model_dir", "metrics_file"},
+               "evaluate": {"out_dir"}, "run": {"workdir"}}.get(args.stage, set())
+    return [getattr(args, n) for n in names if n in written and getattr(args, n, None)]
+
+
+def _non_finite_loss_error() -> type | None:
+    """trainer_lib's error for a loss or gradient norm that became NaN/Inf, where this version has one."""
+    import trainer_lib
+
+    error_type = getattr(trainer_lib, "NonFiniteLossError", None)
+    return error_type if isinstance(error_type, type) else None
+
+
+def describe_error(error: BaseException, outputs: list[str]) -> tuple[int, str]:
+    """(exit status, one-line message) for an error of a stage; secrets in the message are masked."""
+    from trainer_lib.redaction import redact_text
+
+    diverged = _non_finite_loss_error() if "trainer_lib" in sys.modules else None
+    locked = getattr(sys.modules.get("trainer_lib.identity"), "RunLockedError", None)
+    if isinstance(locked, type) and isinstance(error, locked):  # another training holds the folder: untouched
+        status, message = 3, str(error)
+    elif diverged is not None and isinstance(error, diverged):
+        status, message = 1, str(error)
+    elif isinstance(error, FileNotFoundError):  # an input that is not there: the command must change
+        status, message = 2, str(error) if error.filename is None else f"{error.filename}: {error.strerror}"
+    elif isinstance(error, OSError) and error.errno is not None:
+        code = errno.errorcode.get(error.errno, str(error.errno))
+        paths = [p for p in (error.filename, error.filename2) if p]
+        where = " -> ".join(map(str, paths)) if paths else f"writing {', '.join(outputs) or 'the outputs'}"
+        status, message = 1, f"{where}: {error.strerror or error} [{code}]"
+    elif isinstance(error, (ConfigError, ValueError)):
+        status, message = 2, str(error)
+    else:
+        status, message = 1, f"{type(error).__name__}: {error}"
+    message = " ".join(redact_text(message).split()) or type(error).__name__
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 3] + "..."
+    return status, message
 
 
 if __name__ == "__main__":

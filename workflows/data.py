@@ -27,31 +27,65 @@ def load_source(config: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise ConfigError(f"data.source: file {path!r} does not exist (expected 'digits' or a .csv/.parquet file)")
     import pandas as pd
 
-    if path.endswith(".csv"):
-        frame = pd.read_csv(path)
-    elif path.endswith(".parquet"):
-        frame = pd.read_parquet(path)
-    else:
-        raise ConfigError(f"data.source: {path!r} must end in .csv or .parquet")
+    frame = _read_table(path)
+    if config.label_column not in frame.columns:
+        columns = [str(c)[:40] for c in frame.columns[:10]] + (["..."] if len(frame.columns) > 10 else [])
+        raise ConfigError(
+            f"data.label_column: {config.label_column!r} is not a column of {path!r}; columns are {columns}"
+        )
     if frame.empty:
         raise ConfigError(f"data.source: {path!r} holds no rows")
-    if config.label_column not in frame.columns:
-        raise ConfigError(
-            f"data.label_column: {config.label_column!r} is not a column of {path!r}; columns are {list(frame.columns)}"
-        )
     labels_raw = frame.pop(config.label_column)
-    non_numeric = [c for c in frame.columns if not np.issubdtype(frame[c].dtype, np.number)]
-    if non_numeric:
-        raise ConfigError(f"data.source: {path!r} has non-numeric feature columns {non_numeric}")
+    missing = labels_raw.isna().to_numpy()
+    if missing.any():
+        raise ConfigError(f"data.source: {path!r}: label column {config.label_column!r} is empty or NaN at "
+                          f"{_row(path, int(missing.argmax()))}")
     if frame.shape[1] == 0:
         raise ConfigError(f"data.source: {path!r} has no feature columns besides {config.label_column!r}")
+    for column in frame.columns:
+        values = frame[column]
+        if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+            numeric = pd.to_numeric(values, errors="coerce")
+            bad = (numeric.isna() & values.notna()).to_numpy()
+            first = int(bad.argmax()) if bad.any() else 0
+            raise ConfigError(f"data.source: {path!r}: feature column {str(column)[:40]!r} is not numeric "
+                              f"({str(values.iloc[first])[:40]!r} at {_row(path, first)})")
+        finite = np.isfinite(values.to_numpy(dtype=np.float64))
+        if not finite.all():
+            raise ConfigError(f"data.source: {path!r}: feature column {str(column)[:40]!r} is missing or not finite "
+                              f"at {_row(path, int((~finite).argmax()))}")
     classes = sorted(labels_raw.astype(str).unique())
     index = {c: i for i, c in enumerate(classes)}
     labels = labels_raw.astype(str).map(index).to_numpy(dtype=np.int64)
     features = frame.to_numpy(dtype=np.float32)
-    if not np.isfinite(features).all():
-        raise ConfigError(f"data.source: {path!r} has missing or non-finite feature values")
+    if not np.isfinite(features).all():  # a float64 value beyond float32's range
+        column, row = next((c, i) for c in range(features.shape[1]) for i in range(features.shape[0])
+                           if not np.isfinite(features[i, c]))
+        raise ConfigError(f"data.source: {path!r}: feature column {str(frame.columns[column])[:40]!r} is out of "
+                          f"float32 range at {_row(path, row)}")
     return features, labels, classes
+
+
+def _read_table(path: str):
+    """The CSV/Parquet file as a DataFrame; an unreadable file is a one-line ConfigError naming it."""
+    import pandas as pd
+
+    try:
+        if path.endswith(".csv"):
+            return pd.read_csv(path)
+        if path.endswith(".parquet"):
+            return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"data.source: {path!r} is empty (no header line)") from None
+    except (ValueError, OSError, ImportError) as error:  # a parse error, a damaged Parquet file, no pyarrow
+        detail = " ".join(str(error).split())[:200]
+        raise ConfigError(f"data.source: {path!r} cannot be read: {detail}") from None
+    raise ConfigError(f"data.source: {path!r} must end in .csv or .parquet")
+
+
+def _row(path: str, index: int) -> str:
+    """Where a 0-based data row is, for a person opening the file (a CSV's line counts its header)."""
+    return f"row {index + 1} (line {index + 2})" if path.endswith(".csv") else f"row {index + 1}"
 
 
 def split(features: np.ndarray, labels: np.ndarray, config: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
