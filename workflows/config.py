@@ -226,7 +226,7 @@ class PipelineConfig:
             click = sys.modules.get("click")
             if click is None:
                 raise
-            usage_error = type("ConfigParameterError", (ConfigError, click.BadParameter), {})
+            usage_error = type("ConfigParameterError", (click.BadParameter, ConfigError), {})
             raise usage_error(str(error), param_hint="'--config'") from None
 
     def digest(self) -> str:

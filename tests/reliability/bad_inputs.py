@@ -6,10 +6,15 @@ import contextlib
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: (case, params.yaml content or None, extra CLI stage args, the words the error must contain)
 CLI_CASES: list[tuple[str, object, str]] = [
@@ -39,6 +44,21 @@ CLI_CASES: list[tuple[str, object, str]] = [
     ("CSV without the label column", {"data": {"source": "@nolabel.csv", "label_column": "target"}}, "label_column"),
     ("empty CSV", {"data": {"source": "@empty.csv"}}, "empty.csv"),
     ("unsupported data format", {"data": {"source": "@data.xlsx"}}, ".csv or .parquet"),
+    ("infinite warmup", {"training": {"warmup_steps": float("inf")}}, "training.warmup_steps: expected a finite"),
+    ("infinite epochs", {"training": {"num_train_epochs": float("inf")}}, "training.num_train_epochs"),
+    ("NaN learning rate", {"training": {"learning_rate": float("nan")}}, "training.learning_rate"),
+    ("integer beyond float range for a float", {"model": {"dropout": 10**400}}, "model.dropout"),
+    ("huge seed", {"training": {"seed": 10**20}}, "training.seed"),
+    ("negative seed", {"training": {"seed": -1}}, "training.seed"),
+    ("huge split_seed", {"data": {"split_seed": 2**32}}, "data.split_seed"),
+    ("CSV with a text feature column", {"data": {"source": "@text.csv"}},
+     "feature column 'b' is not numeric ('abc' at row 25 (line 26))"),
+    ("CSV with a missing label", {"data": {"source": "@nolabels.csv"}}, "label column 'label' is empty or NaN at row 25"),
+    ("CSV with a missing feature value", {"data": {"source": "@nanfeature.csv"}},
+     "feature column 'a' is missing or not finite at row 25"),
+    ("zero-byte CSV", {"data": {"source": "@zero.csv"}}, "zero.csv' is empty"),
+    ("Parquet without the label column", {"data": {"source": "@nolabel.parquet", "label_column": "y"}},
+     "data.label_column: 'y'"),
     ("params file is a list", ["not", "a", "mapping"], "mapping"),
     ("params file is not YAML", "training: [unclosed", "YAML"),
     ("missing params file", None, "does not exist"),
@@ -79,13 +99,18 @@ def _materialise(work: str, value):
         source = value["data"]["source"]
         if source.startswith("@"):
             path = os.path.join(work, source[1:])
-            with open(path, "w") as f:
-                if source == "@nolabel.csv":
-                    f.write("a,b,label\n1,2,x\n3,4,y\n" * 20)
-                elif source == "@empty.csv":
-                    f.write("a,b,label\n")
-                else:
-                    f.write("junk")
+            good = "1,2,x\n3,4,y\n" * 12  # 24 good rows, then the bad one (data row 25, line 26)
+            if source == "@nolabel.parquet":
+                import pandas as pd
+
+                pd.DataFrame({"a": [1.0, 2.0] * 12, "label": ["x", "y"] * 12}).to_parquet(path)
+            else:
+                with open(path, "w") as f:
+                    f.write({"@nolabel.csv": "a,b,label\n1,2,x\n3,4,y\n" * 20, "@empty.csv": "a,b,label\n",
+                             "@text.csv": "a,b,label\n" + good + "5,abc,x\n" + good,
+                             "@nolabels.csv": "a,b,label\n" + good + "5,6,\n" + good,
+                             "@nanfeature.csv": "a,b,label\n" + good + ",6,x\n" + good,
+                             "@zero.csv": ""}.get(source, "junk"))
             value = {**value, "data": {**value["data"], "source": path}}
     params = os.path.join(work, "params.yaml")
     if value is None:
@@ -93,6 +118,94 @@ def _materialise(work: str, value):
     with open(params, "w") as f:
         f.write(value if isinstance(value, str) else yaml.safe_dump(value))
     return params
+
+
+#: 340 bytes of YAML whose aliases expand to 9**9 strings under a key the schema checks (data.source): before
+#: loading was bounded, formatting that value for the error message took minutes
+ALIAS_BOMB = "data:\n source:\n" + "".join(
+    f"  {name}: &{name} [{','.join(['x' if i == 0 else '*' + chr(ord(name) - 1)] * 9)}]\n"
+    for i, name in enumerate("abcdefghi"))
+
+
+def _stage_process(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str]:
+    """``python -m workflows ARGV`` as DVC runs it: (exit status, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "workflows", *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, cwd=ROOT)
+    return proc.returncode, proc.stderr
+
+
+def alias_bomb_trial() -> tuple[str, bool, str]:
+    """The bomb through a real ``python -m workflows`` process: refused with one line, not after minutes.
+
+    The acceptance bound is 2 s; the check is the process finishing within a generous 30 s with the bounded-loading
+    error (a regression formats the expanded value and runs into the timeout)."""
+    with tempfile.TemporaryDirectory() as work:
+        params = os.path.join(work, "params.yaml")
+        with open(params, "w") as f:
+            f.write(ALIAS_BOMB)
+        try:
+            code, err = _stage_process(["--params", params, "prepare", "--data-dir", os.path.join(work, "d")],
+                                       timeout=30)
+        except subprocess.TimeoutExpired:
+            return (f"YAML alias bomb ({len(ALIAS_BOMB)} bytes)", False, "still running after 30 s")
+    lines = err.strip().splitlines()
+    held = code == 2 and len(lines) == 1 and "alias" in lines[0] and len(lines[0]) < 300
+    return (f"YAML alias bomb ({len(ALIAS_BOMB)} bytes)", held, f"rc={code}: {err.strip()[-300:]!r}")
+
+
+@contextlib.contextmanager
+def _tmpfs(path: str, options: str) -> Iterator[bool]:
+    """A small tmpfs mounted at ``path`` (True), or False where mounting is not permitted."""
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def runtime_error_trials() -> list[tuple[str, bool, str]]:
+    """Runtime errors of the stage CLI: exit 1 with one line naming the path and the errno; no traceback unless
+    FLYTRAIN_DEBUG=1. The read-only and full-disk cases need ``mount`` (root); where it is refused they are left out.
+    """
+    from workflows.__main__ import main
+
+    def in_process(argv: list[str], debug: bool = False) -> tuple[int, str]:
+        err = io.StringIO()
+        with mock.patch.dict(os.environ, {"FLYTRAIN_DEBUG": "1" if debug else ""}), \
+                contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+        return code, err.getvalue()
+
+    def verdict(case: str, code: int, err: str, needles: tuple[str, ...]) -> tuple[str, bool, str]:
+        lines = err.strip().splitlines()
+        held = (code == 1 and len(lines) == 1 and lines[0].startswith("error: ")
+                and all(n in lines[0] for n in needles))
+        return (case, held, lines[0][:200] if held else f"rc={code}: {err.strip()[-400:]!r}")
+
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        a_file = os.path.join(work, "a-file")
+        open(a_file, "w").close()
+        target = os.path.join(a_file, "data")
+        code, err = _stage_process(["prepare", "--data-dir", target])
+        results.append(verdict("output folder under a regular file (ENOTDIR), real process", code, err,
+                               (a_file, "[ENOTDIR]")))
+        code, err = in_process(["prepare", "--data-dir", target], debug=True)
+        shows = code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+        results.append(("FLYTRAIN_DEBUG=1 adds the traceback", shows, f"rc={code}, {len(err.splitlines())} lines"))
+        with _tmpfs(os.path.join(work, "ro"), "ro,size=64k") as mounted:
+            if mounted:
+                code, err = in_process(["prepare", "--data-dir", os.path.join(work, "ro", "data")])
+                results.append(verdict("read-only output file system (EROFS)", code, err,
+                                       (os.path.join(work, "ro"), "[EROFS]")))
+        with _tmpfs(os.path.join(work, "full"), "size=64k") as mounted:
+            if mounted:
+                data = os.path.join(work, "full", "data")
+                code, err = in_process(["prepare", "--data-dir", data])
+                results.append(verdict("full disk (ENOSPC, 64 KiB tmpfs)", code, err, (data, "[ENOSPC]")))
+    return results
 
 
 def cli_trials(run_cli: Callable[[list[str]], tuple[int, str]] | None = None) -> list[tuple[str, bool, str]]:
