@@ -195,6 +195,17 @@ def runtime_error_trials() -> list[tuple[str, bool, str]]:
         code, err = in_process(["prepare", "--data-dir", target], debug=True)
         shows = code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
         results.append(("FLYTRAIN_DEBUG=1 adds the traceback", shows, f"rc={code}, {len(err.splitlines())} lines"))
+        import trainer_lib
+
+        if hasattr(trainer_lib, "NonFiniteLossError"):  # training stops on a non-finite loss (issue 12)
+            data, params = os.path.join(work, "data"), os.path.join(work, "diverge.yaml")
+            with open(params, "w") as f:
+                yaml.safe_dump({"training": {"max_steps": 6, "learning_rate": 1e30, "eval_strategy": "no",
+                                             "save_strategy": "no", "logging_steps": 1}}, f)
+            code, err = in_process(["--params", params, "prepare", "--data-dir", data])
+            code, err = in_process(["--params", params, "train", "--data-dir", data, "--checkpoint-dir",
+                                    os.path.join(work, "ck"), "--model-dir", os.path.join(work, "model")])
+            results.append(verdict("training that diverges (learning_rate 1e30)", code, err, ("step",)))
         with _tmpfs(os.path.join(work, "ro"), "ro,size=64k") as mounted:
             if mounted:
                 code, err = in_process(["prepare", "--data-dir", os.path.join(work, "ro", "data")])

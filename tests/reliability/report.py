@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.reliability import bad_inputs, checks, hostile, identity_faults, trackers_faults
+from tests.reliability import bad_inputs, canary, checks, hostile, identity_faults, trackers_faults
 
 Trial = tuple[str, bool, str]
 
@@ -96,8 +96,11 @@ def _figures(private_server: Callable[[], object], shared) -> list[tuple[str, Ca
         ("R4 bad inputs, CLI", bad_inputs.cli_trials),
         ("R4 bad inputs, Python API", bad_inputs.api_trials),
         ("R5 malicious pickles in checkpoints", checks.malicious_pickle_trials),
+        ("R4 YAML alias bomb through the stage CLI", lambda: [bad_inputs.alias_bomb_trial()]),
+        ("R4 runtime errors of the stage CLI (ENOTDIR, debug traceback, EROFS, ENOSPC)",
+         bad_inputs.runtime_error_trials),
         ("R6 canary secret, 8 trackers (files, stores, output)",
-         lambda: trackers_faults.canary_trials(shared.uri, str(shared.root))),
+         lambda: canary.canary_trials(shared.uri, str(shared.root))),
         ("R7 4 concurrent trainings on one MLflow server",
          lambda: trackers_faults.concurrent_mlflow_trials(shared.uri, processes=4, steps=50)),
         ("R8 tampered checkpoint content, manifest agreeing", hostile.tampered_content_trials),
