@@ -163,8 +163,6 @@ def _non_finite_loss_error() -> type | None:
 
 def describe_error(error: BaseException, outputs: list[str]) -> tuple[int, str]:
     """(exit status, one-line message) for an error of a stage; secrets in the message are masked."""
-    from trainer_lib.redaction import redact_text
-
     diverged = _non_finite_loss_error() if "trainer_lib" in sys.modules else None
     locked = getattr(sys.modules.get("trainer_lib.identity"), "RunLockedError", None)
     if isinstance(locked, type) and isinstance(error, locked):  # another training holds the folder: untouched
@@ -182,7 +180,13 @@ def describe_error(error: BaseException, outputs: list[str]) -> tuple[int, str]:
         status, message = 2, str(error)
     else:
         status, message = 1, f"{type(error).__name__}: {error}"
-    message = " ".join(redact_text(message).split()) or type(error).__name__
+    # importing trainer_lib loads torch (seconds): a config error, reported before that, is masked only when it can
+    # hold a secret at all (a URL); any later error is also checked for secret environment values
+    if "trainer_lib" in sys.modules or "://" in message:
+        from trainer_lib.redaction import redact_text
+
+        message = redact_text(message)
+    message = " ".join(message.split()) or type(error).__name__
     if len(message) > MAX_ERROR_CHARS:
         message = message[: MAX_ERROR_CHARS - 3] + "..."
     return status, message
