@@ -16,9 +16,12 @@ import shutil
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, PipelineConfig
-from .interrupts import Interrupted, StepWatch, interrupted_notice, raise_on_interrupt_signals
+
+if TYPE_CHECKING:
+    from .interrupts import Interrupted, StepWatch
 
 #: most characters of an error message shown (a message may quote a long value)
 MAX_ERROR_CHARS = 500
@@ -57,10 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = _config(args)  # before importing torch (interrupts, pipeline): a bad params.yaml fails at once
+    except Exception as error:
+        return _fail(error, args)
+    from .interrupts import Interrupted, StepWatch, raise_on_interrupt_signals
+
     restore_signals = raise_on_interrupt_signals()
     watch = StepWatch()
     try:
-        config = _config(args)  # before importing torch, so a bad params.yaml fails at once
         if args.stage == "queue-search":
             return _queue_search(args)
         from . import pipeline
@@ -89,14 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         return _report_interruption(stop, args, watch)
     except Exception as error:
-        status, message = describe_error(error, _outputs(args))
-        if os.environ.get("FLYTRAIN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
-            traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr)
-        return status
+        return _fail(error, args)
     finally:
         restore_signals()
     return 0
+
+
+def _fail(error: Exception, args: argparse.Namespace) -> int:
+    """Print the one ``error:`` line (and the traceback with FLYTRAIN_DEBUG=1); the exit status."""
+    status, message = describe_error(error, _outputs(args))
+    if os.environ.get("FLYTRAIN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 def _dvclive(config: PipelineConfig, live_dir: str | None) -> tuple[list, dict]:
@@ -109,6 +122,8 @@ def _dvclive(config: PipelineConfig, live_dir: str | None) -> tuple[list, dict]:
 
 def _report_interruption(stop: Interrupted, args: argparse.Namespace, watch: StepWatch) -> int:
     """A Ctrl-C or SIGTERM: one line saying where training stopped and what was kept; exit status 128 + signal."""
+    from .interrupts import interrupted_notice
+
     checkpoint_dir = {"train": getattr(args, "checkpoint_dir", None),
                       "run": os.path.join(getattr(args, "workdir", ""), "checkpoints")}.get(args.stage)
     if args.stage in ("train", "run"):
