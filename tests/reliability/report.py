@@ -97,7 +97,7 @@ def _figures(private_server: Callable[[], object], shared) -> list[tuple[str, Ca
         ("R4 bad inputs, Python API", bad_inputs.api_trials),
         ("R5 malicious pickles in checkpoints", checks.malicious_pickle_trials),
         ("R4 YAML alias bomb through the stage CLI", lambda: [bad_inputs.alias_bomb_trial()]),
-        ("R4 runtime errors of the stage CLI (ENOTDIR, debug traceback, EROFS, ENOSPC)",
+        ("R4 runtime errors of the stage CLI (ENOTDIR, debug traceback, diverging training, EROFS, ENOSPC)",
          bad_inputs.runtime_error_trials),
         ("R6 canary secret, 8 trackers (files, stores, output)",
          lambda: canary.canary_trials(shared.uri, str(shared.root))),
