@@ -26,6 +26,7 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from .arguments import TrainingArguments
+from .redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,9 @@ def fingerprint(model, args: TrainingArguments, *, optimizer=None, lr_scheduler=
         parts["scheduler"] = {"class": type(lr_scheduler).__name__}
     if extra:
         parts["extra"] = _plain(dict(extra))
-    return RunFingerprint(parts)
+    # written into every checkpoint: credentials (by name, and URL passwords) never are; environment values are not
+    # looked up, so the same run has the same fingerprint in any environment
+    return RunFingerprint(redact(parts, set()))
 
 
 def _short(value: Any) -> str:
