@@ -301,17 +301,21 @@ def test_every_workflow_serialises_for_a_cluster(tmp_path):
                   "localhost:30000/flytrain:default", "-o", str(package), "--force"],
                  flyte_env(tmp_path), str(tmp_path / "log"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    tasks, workflows = {}, {}
+    tasks, workflows, tuning = {}, {}, set()
     with tarfile.open(package) as tar:
         for member in tar.getmembers():
             # <n>_<module>.<name>_<kind>.pb: kind 1 is a task, 2 a workflow, 3 its launch plan
-            match = re.fullmatch(r"\d+_workflows\.training\.(\w+)_([123])\.pb", member.name)
+            match = re.fullmatch(r"\d+_workflows\.(training|tuning)\.(\w+)_([123])\.pb", member.name)
             assert match, member.name
+            module, name, kind = match.groups()
             data = tar.extractfile(member).read()
-            if match.group(2) == "1":
-                tasks[match.group(1)] = task_pb2.TaskSpec.FromString(data).template
-            elif match.group(2) == "2":
-                workflows[match.group(1)] = workflow_pb2.WorkflowSpec.FromString(data).template
+            if module == "tuning":
+                tuning.add((name, kind))
+            elif kind == "1":
+                tasks[name] = task_pb2.TaskSpec.FromString(data).template
+            elif kind == "2":
+                workflows[name] = workflow_pb2.WorkflowSpec.FromString(data).template
+    assert ("tuning_workflow", "2") in tuning  # the tuning workflow (workflows/tuning.py) registers too
     assert set(tasks) == {"resolve_run", "prepare_data", "train_model", "train_model_distributed", "evaluate_model"}
     assert set(workflows) == {"training_workflow", "distributed_training_workflow"}
     for template in tasks.values():
