@@ -269,7 +269,7 @@ def test_exp_run_with_a_set_param_is_listed_by_exp_show(project):
     assert metrics["test_accuracy"] > 0.8
     live = found[0]["metrics"]["dvclive/metrics.json"]["data"]  # DVCLive's summary is an experiment column too
     assert live == json.loads((repo / "dvclive" / "metrics.json").read_text())
-    assert live["step"] == MAX_STEPS and live["train"]["learning_rate"] == pytest.approx(0.0)
+    assert live["step"] == MAX_STEPS and live["train"]["learning_rate"] == pytest.approx(0.002 / MAX_STEPS)  # the rate the last step used
 
 
 def _blobs(n: int, seed: int) -> str:

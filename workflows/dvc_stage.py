@@ -22,8 +22,8 @@ TIMING_SUFFIXES = ("_runtime", "_per_second")
 class StageLiveCallback(DVCLiveCallback):
     """DVCLiveCallback without the timing values (they differ from run to run; the log history keeps them)."""
 
-    def _send_logs(self, events) -> None:
-        super()._send_logs(
+    def _send(self, events) -> None:
+        super()._send(
             [(step, {k: v for k, v in logs.items() if not k.endswith(TIMING_SUFFIXES)}) for step, logs in events]
         )
 
