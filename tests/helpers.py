@@ -50,13 +50,18 @@ def make_model(seed: int = 0, **kwargs) -> TinyMLP:
 
 
 def make_trainer(out, *, report_to=(), callbacks=None, n_train: int = 256, n_eval: int = 64, model_seed: int = 0,
-                 args_cls=None, **overrides):
+                 args_cls=None, shuffled_data: bool = False, **overrides):
     """The tracker and resume tests' trainer: the digits MLP, 20 steps logging every 5, a checkpoint and an
     evaluation every 10, a failing integration is fatal (``strict_integrations``). ``overrides`` are
-    TrainingArguments fields."""
+    TrainingArguments fields. ``shuffled_data`` stores the same samples in another order, so the same seeded
+    batch order draws other batches: a resumed run then logs values no uninterrupted run would, while its run
+    fingerprint (which does not hash the data in the plain API) still matches the checkpoint's."""
     from trainer_lib import Trainer, TrainingArguments
 
     train, evaluation = digits(n_train, n_eval)
+    if shuffled_data:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(7))
+        train = DictDataset(train.features[order], train.labels[order])
     values = dict(
         output_dir=str(out), max_steps=20, logging_steps=5, save_steps=10, eval_strategy="steps", eval_steps=10,
         per_device_train_batch_size=16, report_to=report_to if isinstance(report_to, str) else list(report_to),

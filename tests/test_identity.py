@@ -266,7 +266,7 @@ def test_a_finished_run_is_moved_aside_with_reason_and_destination(prepared, tmp
     caplog.set_level(logging.WARNING)
     result = pipeline.train(prepared["config"], prepared["data"], checkpoints, str(tmp_path / "model"), report_to=[])
     assert result["resumed_from"] is None
-    (moved,) = [r.getMessage() for r in caplog.records if "moved" in r.getMessage()]
+    (moved,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("moved ")]
     assert "finished" in moved and "training from scratch" in moved and f"{checkpoints}.previous" in moved
     assert names(list_checkpoints(checkpoints + ".previous")) == ["checkpoint-35", "checkpoint-40"]
 

@@ -73,7 +73,7 @@ def test_resume_continues_the_logs_without_duplicated_steps(git_repo):
     plots = out / "dvclive" / "plots" / "metrics"
     (plots / "train" / "ghost.tsv").write_text("step\tghost\n5\t1.0\n15\t2.0\n")  # a metric only the old run had
 
-    resumed = make_trainer(out, data_seed=7)  # other batches: steps 11-20 differ from the first run's
+    resumed = make_trainer(out, shuffled_data=True)  # other batches: steps 11-20 differ from the first run's
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-10"))
 
     loss = rows(plots / "train" / "loss.tsv")

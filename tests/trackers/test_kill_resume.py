@@ -37,7 +37,7 @@ class KillAfter15(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-settings = dict(eval_strategy="no", data_seed=0 if mode == "kill" else 7)
+settings = dict(eval_strategy="no", shuffled_data=mode == "resume")
 trainer = make_trainer(out, report_to=[tracker], callbacks=[KillAfter15()], **settings)
 trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-10") if mode == "resume" else None)
 with open(os.path.join(out, "resumed_log.json"), "w") as f:

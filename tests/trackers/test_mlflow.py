@@ -173,7 +173,7 @@ def test_steps_after_the_crash_come_from_the_resumed_process(experiment, mlflow_
     (run,) = runs_of(client, experiment)
     assert steps(client, run.info.run_id, "loss") == [5, 10]
     # another data order after the checkpoint: steps 15 and 20 get losses no uninterrupted run would log
-    resumed = make_trainer(out, data_seed=7)
+    resumed = make_trainer(out, shuffled_data=True)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-10"))
     (run,) = runs_of(client, experiment)
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}

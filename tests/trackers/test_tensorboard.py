@@ -71,7 +71,7 @@ def test_resumed_run_writes_each_step_once_into_the_same_dir(tmp_path):
     log_dir = first.args.logging_dir
 
     # another data order after the checkpoint: the resumed run's steps 11-20 see other batches, other losses
-    resumed = make_trainer(out, logging_dir=str(tmp_path / "another_dir"), data_seed=7)
+    resumed = make_trainer(out, logging_dir=str(tmp_path / "another_dir"), shuffled_data=True)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-10"))
 
     assert not (tmp_path / "another_dir").exists()  # the log dir came from the checkpoint
