@@ -50,7 +50,7 @@ def make_model(seed: int = 0, **kwargs) -> TinyMLP:
 
 
 def make_trainer(out, *, report_to=(), callbacks=None, n_train: int = 256, n_eval: int = 64, model_seed: int = 0,
-                 args_cls=None, shuffled_data: bool = False, **overrides):
+                 args_cls=None, shuffled_data: bool = False, model_kwargs: dict | None = None, **overrides):
     """The tracker and resume tests' trainer: the digits MLP, 20 steps logging every 5, a checkpoint and an
     evaluation every 10, a failing integration is fatal (``strict_integrations``). ``overrides`` are
     TrainingArguments fields. ``shuffled_data`` stores the same samples in another order, so the same seeded
@@ -69,5 +69,5 @@ def make_trainer(out, *, report_to=(), callbacks=None, n_train: int = 256, n_eva
     )
     values.update(overrides)
     args = (args_cls or TrainingArguments)(**values)
-    return Trainer(make_model(model_seed), args, train_dataset=train, eval_dataset=evaluation,
+    return Trainer(make_model(model_seed, **(model_kwargs or {})), args, train_dataset=train, eval_dataset=evaluation,
                    compute_metrics=accuracy, callbacks=callbacks)

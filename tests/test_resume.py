@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-from tests.helpers import accuracy, digits, make_model
+from tests.helpers import make_trainer as shared_make_trainer
 from tests.reliability.hostile import StepCounter
-from trainer_lib import CheckpointError, EarlyStoppingCallback, Trainer, TrainingArguments
+from trainer_lib import CheckpointError, EarlyStoppingCallback, Trainer
 from trainer_lib.checkpoint import load_weights
 
 TIMING = ("_runtime", "_per_second")
@@ -27,16 +27,16 @@ def comparable(history):
     return [{k: v for k, v in e.items() if not k.endswith(TIMING)} for e in history]
 
 
+#: the resume tests' run: 3 epochs of 13 micro-batches with gradient accumulation 2, so checkpoints fall mid epoch
+RESUME_RUN = dict(
+    n_train=200, n_eval=40, model_kwargs={"dropout": 0.3}, max_steps=-1, per_device_train_batch_size=16,
+    num_train_epochs=3, learning_rate=3e-3, logging_steps=4, save_steps=5, eval_strategy="steps", eval_steps=7,
+    metric_for_best_model="accuracy", gradient_accumulation_steps=2, weight_decay=0.01, warmup_steps=3,
+)
+
+
 def make_trainer(out, callbacks=None, **overrides):
-    train, evaluation = digits(200, 40)
-    values = dict(
-        output_dir=str(out), per_device_train_batch_size=16, num_train_epochs=3, learning_rate=3e-3,
-        logging_steps=4, save_steps=5, eval_strategy="steps", eval_steps=7, disable_tqdm=True,
-        metric_for_best_model="accuracy", gradient_accumulation_steps=2, weight_decay=0.01, warmup_steps=3,
-    )
-    values.update(overrides)
-    return Trainer(make_model(dropout=0.3), TrainingArguments(**values), train_dataset=train,
-                   eval_dataset=evaluation, compute_metrics=accuracy, callbacks=callbacks)
+    return shared_make_trainer(out, callbacks=callbacks, **{**RESUME_RUN, **overrides})
 
 
 def assert_same_run(a: Trainer, b: Trainer):
