@@ -99,17 +99,22 @@ def test_params_yaml_is_the_whole_default_config():
     assert SearchConfig.load(str(ROOT / "params.yaml")) == SearchConfig()
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A git + DVC repository holding a copy of the project, reproduced once with a small params.yaml."""
-    repo = tmp_path_factory.mktemp("dvc") / "project"
-    repo.mkdir()
+def copy_project(repo: Path) -> None:
+    """The project's tracked sources (SOURCES) into ``repo``, without bytecode."""
     for name in SOURCES:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy(source, repo / name)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A git + DVC repository holding a copy of the project, reproduced once with a small params.yaml."""
+    repo = tmp_path_factory.mktemp("dvc") / "project"
+    repo.mkdir()
+    copy_project(repo)
     write_params(repo, SMALL)
     run(repo, "git", "init", "-q")
     run(repo, "dvc", "init", "-q")

@@ -131,6 +131,20 @@ def test_a_bad_search_section_is_one_error_naming_its_key(tmp_path, section, mes
         assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_search_section_is_loaded_with_the_same_bounds_as_the_rest_of_the_config(tmp_path):
+    """The alias bomb under ``search:`` is refused by the size bound, by the file and from a string."""
+    from tests.reliability.bad_inputs import ALIAS_BOMB
+    from workflows.config import ConfigError, SearchConfig
+
+    bomb = ALIAS_BOMB.replace("data:\n source:\n", "search:\n params:\n")
+    path = tmp_path / "params.yaml"
+    path.write_text(bomb)
+    for load, source, origin in ((SearchConfig.load, str(path), str(path)), (SearchConfig.parse, bomb, "search")):
+        with pytest.raises(ConfigError, match="aliases are expanded") as error:
+            load(source)
+        assert origin in str(error.value) and "\n" not in str(error.value) and len(str(error.value)) < 300
+
+
 # -- the Flyte tuning workflow ------------------------------------------------------------------------------------
 #: 2 rounds x 2 trials over a grid of hidden sizes; 2**58 units cannot be allocated: that trial fails at once
 HUGE = 2**58
@@ -273,20 +287,14 @@ def test_queue_search_prints_one_dvc_experiment_per_trial_with_params_yaml_keys(
 @pytest.mark.slow
 def test_a_queued_search_runs_as_dvc_experiments_listed_by_exp_show(tmp_path):
     """queue-search → `dvc queue start -j 1` → both experiments in `dvc exp show`, sortable by the objective."""
-    import shutil
     import sys
     import time
 
-    from tests.test_dvc import ROOT, SOURCES, run, write_params
+    from tests.test_dvc import copy_project, run, write_params
 
     repo = tmp_path / "project"
     repo.mkdir()
-    for name in SOURCES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy(source, repo / name)
+    copy_project(repo)
     write_params(repo, {"training": {"max_steps": 40, "logging_steps": 20, "eval_strategy": "steps", "eval_steps": 20,
                                      "save_strategy": "steps", "save_steps": 20}, "search": QUEUE_SEARCH})
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],

@@ -84,6 +84,25 @@ def parse_text(text: str, origin: str) -> Any:
     return data
 
 
+def read_config_file(path: str) -> dict[str, Any] | None:
+    """A YAML/JSON config file as plain data, bounded as the module says; an error names the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is {size} bytes, more than a config may hold ({MAX_CONFIG_BYTES})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    data = parse_text(text, f"config file {path!r}")
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from and how they are split."""
@@ -176,19 +195,7 @@ class PipelineConfig:
     @classmethod
     def load(cls, path: str) -> PipelineConfig:
         """Read a YAML or JSON file (params.yaml); a missing or malformed file is an error naming it."""
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        size = os.path.getsize(path)
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {path!r} is {size} bytes, more than a config may hold ({MAX_CONFIG_BYTES})")
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read(MAX_CONFIG_BYTES + 1)
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"config file {path!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-        data = parse_text(text, f"config file {path!r}")
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
+        data = read_config_file(path)
         try:
             return cls.from_dict(data)
         except ConfigError as error:
@@ -403,15 +410,9 @@ class SearchConfig:
     @classmethod
     def load(cls, path: str) -> SearchConfig:
         """The ``search`` section of a params.yaml (defaults when it has none)."""
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as error:
-                raise ConfigError(f"config file {path!r} is not valid YAML/JSON: {' '.join(str(error).split())}") from None
+        data = read_config_file(path) or {}
         try:
-            return cls.from_dict(data.get("search") if isinstance(data, dict) else None)
+            return cls.from_dict(data.get("search"))
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
 
@@ -420,12 +421,9 @@ class SearchConfig:
         """From a JSON/YAML string or a file (a params.yaml: its ``search`` section)."""
         if os.path.isfile(text):
             return cls.load(text)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"search is neither a file nor valid JSON/YAML: {error}") from None
+        data = parse_text(text, "search (neither a file nor JSON/YAML)")
         if not isinstance(data, dict):
-            raise ConfigError(f"search must be a mapping or a file path, got {text!r}")
+            raise ConfigError(f"search must be a mapping or a file path, got {show(text)}")
         return cls.from_dict(data)
 
     def grid(self) -> dict[str, list[Any]]:
