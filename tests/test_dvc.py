@@ -230,9 +230,9 @@ def test_repro_force_twice_gives_byte_identical_model_and_metrics(project):
         assert (repo / "dvc.lock").read_bytes() == project["lock"]
 
 
-def test_an_interrupted_repro_resumes_from_its_last_checkpoint(project, tmp_path):
-    repo = project["repo"]
-    restore(repo)
+def interrupt_repro(repo: Path, tmp_path: Path) -> list[int]:
+    """Start `dvc repro` with the model removed (train must run) and kill it at its first checkpoint; returns the
+    steps of the checkpoints it left."""
     shutil.rmtree(repo / "models" / "model")  # train must run; no checkpoints yet (restore removed them)
     log_path = tmp_path / "interrupted.log"
     with open(log_path, "w") as log:
@@ -248,6 +248,13 @@ def test_an_interrupted_repro_resumes_from_its_last_checkpoint(project, tmp_path
     saved = [checkpoint_step(p) for p in list_checkpoints(str(repo / "checkpoints"))]
     assert saved and max(saved) < MAX_STEPS, f"training was not interrupted in the middle: {saved}"
     assert not (repo / "models" / "model").exists()
+    return saved
+
+
+def test_an_interrupted_repro_resumes_from_its_last_checkpoint(project, tmp_path):
+    repo = project["repo"]
+    restore(repo)
+    saved = interrupt_repro(repo, tmp_path)
 
     output = run(repo, "dvc", "repro").stdout
     (start,) = resumed_from(output)
@@ -334,3 +341,18 @@ def test_bad_params_stop_the_pipeline_with_an_error_naming_the_key(project, chan
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert errors and key in errors[0], proc.stdout
+
+
+def test_a_params_change_after_an_interrupted_repro_trains_from_scratch_and_says_so(project, tmp_path):
+    """The unfinished run's checkpoints belong to the old config: set aside (named, with the difference), never
+    resumed."""
+    repo = project["repo"]
+    restore(repo)
+    saved = interrupt_repro(repo, tmp_path)
+    write_params(repo, {"training": {"learning_rate": 0.002}})
+    output = run(repo, "dvc", "repro").stdout
+    assert resumed_from(output) == [None]
+    (notice,) = [line for line in output.splitlines() if "belong to another run" in line]
+    assert "learning_rate: 0.001 in the checkpoint, 0.002 now" in notice and "training from scratch" in notice
+    assert sorted(checkpoint_step(p) for p in list_checkpoints(str(repo / "checkpoints.previous"))) == saved
+    assert checkpoint_step(list_checkpoints(str(repo / "checkpoints"))[-1]) == MAX_STEPS  # the new run, whole
