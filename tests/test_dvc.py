@@ -84,8 +84,8 @@ def restore(repo: Path) -> None:
     run(repo, "git", "reset", "--hard", "-q")
     run(repo, "git", "clean", "-fdq")
     run(repo, "dvc", "checkout", "--force", "-q")
-    for side in ("checkpoints", "checkpoints.previous"):
-        shutil.rmtree(repo / side, ignore_errors=True)
+    for side in [repo / "checkpoints", *repo.glob("checkpoints.previous*")]:
+        shutil.rmtree(side, ignore_errors=True)
 
 
 def test_params_yaml_is_the_whole_default_config():

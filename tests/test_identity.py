@@ -271,6 +271,21 @@ def test_a_finished_run_is_moved_aside_with_reason_and_destination(prepared, tmp
     assert names(list_checkpoints(checkpoints + ".previous")) == ["checkpoint-35", "checkpoint-40"]
 
 
+def test_setting_aside_again_keeps_what_an_earlier_move_set_aside(tmp_path):
+    """Set-aside checkpoints belong to other runs: a later move renames them to .previous.<n>, never deletes them."""
+    from trainer_lib import identity
+
+    previous = str(tmp_path / "checkpoints.previous")
+    for round_ in (1, 2, 3):
+        folder = tmp_path / "checkpoints" / "checkpoint-5"
+        folder.mkdir(parents=True)
+        (folder / "round").write_text(str(round_))
+        identity.move_aside([str(folder)], previous, f"round {round_}")
+    kept = {p: (tmp_path / p / "checkpoint-5" / "round").read_text()
+            for p in ("checkpoints.previous", "checkpoints.previous.1", "checkpoints.previous.2")}
+    assert kept == {"checkpoints.previous": "3", "checkpoints.previous.1": "1", "checkpoints.previous.2": "2"}
+
+
 # -- real processes --------------------------------------------------------------------------------------------------
 def test_two_runs_on_one_workdir_one_trains_and_kills_end_in_each_configs_own_weights():
     """The concurrent start (one trains, the other is refused while the lock is held), then two trials of both runs

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
 import threading
 import time
@@ -315,10 +314,17 @@ def folder_lock(folder: str, lock_file: str | None = None) -> Iterator[None]:
 
 
 def move_aside(paths: list[str], destination: str, reason: str) -> None:
-    """Move checkpoint folders into ``destination`` (emptied first), logging why and where."""
+    """Move checkpoint folders into a fresh ``destination``, logging why and where. What an earlier move left there
+    is kept, renamed to ``destination.<n>`` (the first free n): set-aside checkpoints belong to other runs, and
+    flytrain never deletes another run's checkpoint."""
     if not paths:
         return
-    shutil.rmtree(destination, ignore_errors=True)
+    if os.path.lexists(destination):
+        n = 1
+        while os.path.lexists(f"{destination}.{n}"):
+            n += 1
+        os.rename(destination, f"{destination}.{n}")
+        logger.warning("kept the checkpoints set aside earlier: %s is now %s.%d", destination, destination, n)
     os.makedirs(destination)
     for path in paths:
         os.rename(path, os.path.join(destination, os.path.basename(path)))
