@@ -15,17 +15,49 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 
-@pytest.mark.timeout(300)
-def test_pyflyte_run_refuses_a_non_finite_config_value_in_a_few_lines_naming_the_key(tmp_path):
-    # JSON's Infinity reaches the config as float('inf'): before, 7-146 lines of traceback
+def _pyflyte_run(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, str, list[str]]:
+    """``pyflyte run`` of the training workflow; its output and the lines that are not only box drawing."""
     proc = subprocess.run(
-        [os.path.join(BIN, "pyflyte"), "run", "workflows/training.py", "training_workflow",
-         "--config", json.dumps({"training": {"warmup_steps": float("inf")}})],
+        [os.path.join(BIN, "pyflyte"), "run", "workflows/training.py", "training_workflow", *args],
         cwd=REPO, env=flyte_env(tmp_path, PYTHONPATH=REPO, COLUMNS="100"), capture_output=True, text=True, timeout=280,
     )
     output = proc.stdout + proc.stderr
-    lines = [line for line in output.splitlines() if line.strip(" │╭╮╰╯─")]
+    return proc, output, [line for line in output.splitlines() if line.strip(" │╭╮╰╯─")]
+
+
+@pytest.mark.timeout(300)
+def test_pyflyte_run_refuses_a_non_finite_config_value_in_a_few_lines_naming_the_key(tmp_path):
+    # JSON's Infinity reaches the config as float('inf'): before, 7-146 lines of traceback
+    proc, output, lines = _pyflyte_run(tmp_path, "--config", json.dumps({"training": {"warmup_steps": float("inf")}}))
     assert proc.returncode == 2, output[-2000:]
     assert "Traceback" not in output and len(lines) <= 8, output[-2000:]
     assert "Invalid value for '--config'" in output
     assert "training.warmup_steps: expected a finite" in output
+
+
+def _alias_bomb(path) -> None:
+    """324 bytes of YAML whose aliases expand to 9**9 (387 million) strings."""
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("shape", ["alias bomb", "huge file"])
+def test_pyflyte_run_refuses_a_config_file_bomb_before_flytekit_parses_it(tmp_path, shape):
+    # flytekit's own --config type read a .yaml path with an unbounded yaml.safe_load and json.dumps'ed the
+    # expansion: the alias bomb hung pyflyte for minutes (the subprocess timeout above is only a hang guard)
+    bomb = tmp_path / "bomb.yaml"
+    if shape == "alias bomb":
+        _alias_bomb(bomb)
+        expected = "more than 10000 values once YAML aliases are expanded"
+    else:
+        bomb.write_text("training:\n  note: " + "x" * (2 << 20) + "\n")
+        expected = "more than a config may hold"
+    proc, output, lines = _pyflyte_run(tmp_path, "--config", str(bomb))
+    assert proc.returncode == 2, output[-2000:]
+    assert "Traceback" not in output and len(lines) <= 8, output[-2000:]
+    flat = " ".join(output.replace("│", " ").split())
+    assert f"Invalid value for '--config': config file '{bomb}'" in flat, output[-2000:]
+    assert expected in flat, output[-2000:]

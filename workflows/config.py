@@ -84,6 +84,20 @@ def parse_text(text: str, origin: str) -> Any:
     return data
 
 
+def parse_json(text: str, origin: str) -> Any:
+    """JSON text → plain data (``Infinity`` included, so that the finiteness checks name the key), bounded."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{origin}: {len(text)} characters, more than a config may hold ({MAX_CONFIG_BYTES})")
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deeply") from None
+    except ValueError as error:
+        raise ConfigError(f"{origin} is not valid JSON: {error}") from None
+    _check_size(data, origin)
+    return data
+
+
 def read_config_file(path: str) -> dict[str, Any] | None:
     """A YAML/JSON config file as plain data, bounded as the module says; an error names the file."""
     if not os.path.isfile(path):
@@ -219,16 +233,7 @@ class PipelineConfig:
         instead of a traceback); it is still a ConfigError's message, naming the key.
         """
         try:
-            if len(text) > MAX_CONFIG_BYTES:
-                raise ConfigError(f"config: {len(text)} characters, more than a config may hold ({MAX_CONFIG_BYTES})")
-            try:
-                data = json.loads(text)
-            except RecursionError:
-                raise ConfigError("config: nested too deeply") from None
-            except ValueError as error:
-                raise ConfigError(f"config is not valid JSON: {error}") from None
-            _check_size(data, "config")
-            return cls.from_dict(data)
+            return cls.from_dict(parse_json(text, "config"))
         except ConfigError as error:
             click = sys.modules.get("click")
             if click is None:

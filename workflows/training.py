@@ -31,7 +31,7 @@ from flytekitplugins.kfpytorch import Elastic
 
 from callbacks.flyte import NotInFlyteTask, current_flyte_checkpoint, restore_from_flyte, save_to_flyte
 from trainer_lib.identity import RunLockedError
-from workflows import flyte_cache, pipeline
+from workflows import cli_types, flyte_cache, pipeline
 from workflows.config import ConfigError, DataConfig, PipelineConfig
 from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck
 from workflows.image import build_image
@@ -39,6 +39,9 @@ from workflows.interrupts import StepWatch, interrupted_notice
 from workflows.overrides import apply_overrides
 
 logger = logging.getLogger(__name__)
+
+#: pyflyte run reads --config/--search through our bounded loader, not flytekit's (workflows/cli_types.py)
+cli_types.install()
 
 #: the task image for a cluster (workflows/image.py: constraints.txt's pins, flytrain installed)
 IMAGE = build_image()
