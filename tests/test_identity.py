@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -169,6 +172,56 @@ def test_a_second_training_in_a_locked_folder_fails_at_once_naming_the_holder(tm
         holder.wait()
     make_trainer(out).train()
     assert names(list_checkpoints(str(out))) == ["checkpoint-5", "checkpoint-10"]
+
+
+STUCK_WORKER = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+import torch
+from tests.helpers import DictDataset, digits
+from tests.test_identity import make_trainer
+
+class StuckInWorker(DictDataset):
+    def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is not None and i == self.stuck_at:
+            with open(sys.argv[2] + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+            time.sleep(120)  # a worker that outlives its parent (the watchdog only looks between items)
+        return super().__getitem__(i)
+
+torch.multiprocessing.set_start_method("fork", force=True)
+trainer = make_trainer(sys.argv[1], dataloader_num_workers=1)
+train = trainer.train_dataset
+trainer.train_dataset = StuckInWorker(train.features, train.labels)
+trainer.train_dataset.stuck_at = 40
+trainer.train()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_dataloader_worker_does_not_keep_the_lock_of_a_killed_parent(tmp_path):
+    out, pid_file = tmp_path / "out", tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-c", STUCK_WORKER.format(root=ROOT), str(out), str(pid_file)],
+                              cwd=ROOT)
+    worker = None
+    try:
+        while not pid_file.exists():
+            assert parent.poll() is None, "the training ended before its worker reached the stuck item"
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        assert worker != parent.pid
+        parent.kill()
+        parent.wait()
+        os.kill(worker, 0)  # the worker lives on (ProcessLookupError here would make the test prove nothing)
+        with identity.folder_lock(str(out)):  # what a new run takes first: free although the worker lives
+            pass
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
 
 
 def test_the_lock_is_reentrant_within_one_process(tmp_path):

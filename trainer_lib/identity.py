@@ -269,6 +269,28 @@ _held: dict[str, list] = {}  # real path of a lock file -> [fd, depth]: a proces
 _held_guard = threading.Lock()
 
 
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, multiprocessing's fork): close the copies of the held lock fds.
+
+    flock belongs to the open file description, which fork shares: a worker that kept its copy would hold the
+    folder's lock after its parent was killed. Closing the copy (never LOCK_UN, which would release the parent's
+    lock too) leaves the parent the only holder. The child is single-threaded here, so the guard is replaced, not
+    taken (a thread of the parent may have held it at the fork). exec'ed children never see the fds (os.open's fds
+    are non-inheritable, PEP 446).
+    """
+    global _held_guard
+    _held_guard = threading.Lock()
+    for fd, _ in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def _holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
@@ -306,11 +328,13 @@ def folder_lock(folder: str, lock_file: str | None = None) -> Iterator[None]:
         yield
     finally:
         with _held_guard:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del _held[path]
-                os.ftruncate(entry[0], 0)
-                os.close(entry[0])  # releases the lock
+            # not held here: a forked child leaving the parent's block (its copy of the fd was closed at the fork)
+            if _held.get(path) is entry:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _held[path]
+                    os.ftruncate(entry[0], 0)
+                    os.close(entry[0])  # releases the lock
 
 
 def move_aside(paths: list[str], destination: str, reason: str) -> None:
