@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,9 +128,10 @@ ALIAS_BOMB = "data:\n source:\n" + "".join(
     for i, name in enumerate("abcdefghi"))
 
 
-def _stage_process(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str]:
-    """``python -m workflows ARGV`` as DVC runs it: (exit status, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "workflows", *argv], capture_output=True, text=True,
+def _stage_process(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120,
+                   prefix: tuple[str, ...] = ()) -> tuple[int, str]:
+    """``python -m workflows ARGV`` as DVC runs it (after ``prefix``, e.g. a user switch): (exit status, stderr)."""
+    proc = subprocess.run([*prefix, sys.executable, "-m", "workflows", *argv], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, cwd=ROOT)
     return proc.returncode, proc.stderr
 
@@ -165,9 +167,43 @@ def _tmpfs(path: str, options: str) -> Iterator[bool]:
             subprocess.run(["umount", "-l", path], capture_output=True)
 
 
+def _unprivileged() -> tuple[str, ...] | None:
+    """A command prefix that runs as a non-root user: none needed when we are not root; as root ``setpriv`` to
+    nobody, keeping only CAP_DAC_READ_SEARCH (it reads and searches, never writes: the interpreter may live under
+    a 0700 /root), else ``runuser -u nobody``; None when neither exists."""
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv"):
+        caps = "-all,+dac_read_search"
+        return ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={caps}",
+                f"--ambient-caps={caps}", f"--bounding-set={caps}")
+    if shutil.which("runuser"):
+        return ("runuser", "-u", "nobody", "--")
+    return None
+
+
+def _forbidden_output_trial(work: str) -> tuple[str, int, str, str] | None:
+    """``python -m workflows run`` as a non-root user into a folder it may not write (EACCES), real process:
+    (case, exit status, stderr, the path the line must name); None where no user switch exists."""
+    prefix = _unprivileged()
+    if prefix is None:
+        return None
+    os.chmod(work, 0o755)  # the other user walks into the temporary folder ...
+    home, locked = os.path.join(work, "home"), os.path.join(work, "locked")
+    os.makedirs(home)
+    os.chmod(home, 0o777)  # ... and keeps its HOME (flytekit's config, caches) and temporary files there
+    os.makedirs(locked, mode=0o555)
+    os.chmod(locked, 0o555)
+    out = os.path.join(locked, "out")
+    code, err = _stage_process(["run", "--workdir", out], {"HOME": home, "TMPDIR": home}, prefix=prefix)
+    os.chmod(locked, 0o755)  # the cleanup may remove it again
+    return "unwritable output folder as a non-root user (EACCES), real process", code, err, out
+
+
 def runtime_error_trials() -> list[tuple[str, bool, str]]:
     """Runtime errors of the stage CLI: exit 1 with one line naming the path and the errno; no traceback unless
-    FLYTRAIN_DEBUG=1. The read-only and full-disk cases need ``mount`` (root); where it is refused they are left out.
+    FLYTRAIN_DEBUG=1. The read-only and full-disk cases need ``mount`` (root); where it is refused they are left out;
+    the forbidden-folder case runs as a non-root user (left out only where no user switch exists).
     """
     from workflows.__main__ import main
 
@@ -207,6 +243,11 @@ def runtime_error_trials() -> list[tuple[str, bool, str]]:
             code, err = in_process(["--params", params, "train", "--data-dir", data, "--checkpoint-dir",
                                     os.path.join(work, "ck"), "--model-dir", os.path.join(work, "model")])
             results.append(verdict("training that diverges (learning_rate 1e30)", code, err, ("step",)))
+        forbidden = _forbidden_output_trial(work)
+        if forbidden is not None:
+            case, code, err, out = forbidden
+            row = verdict(case, code, err, (out, "Permission denied [EACCES]"))
+            results.append(row if not os.path.exists(out) else (case, False, f"{out} was created"))
         with _tmpfs(os.path.join(work, "ro"), "ro,size=64k") as mounted:
             if mounted:
                 code, err = in_process(["prepare", "--data-dir", os.path.join(work, "ro", "data")])
