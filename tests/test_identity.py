@@ -371,3 +371,39 @@ def test_a_retry_handed_another_runs_checkpoint_fails_for_good_naming_the_differ
                        resume=checkpoint)
     assert not is_recoverable(refused.value) and not list_checkpoints(str(tmp_path / "retry"))
     assert not is_recoverable(identity.RunLockedError("busy"))
+
+
+def test_a_real_pyflyte_execute_retry_handed_another_runs_checkpoint_refuses_it(prepared, tmp_path):
+    """A cluster attempt (real ``pyflyte-execute``) whose ``--prev-checkpoint`` holds another run's checkpoint:
+    the attempt fails for good naming the difference, trains nothing and leaves that checkpoint as it was."""
+    from flytekit.types.directory import FlyteDirectory
+
+    from tests.flyte_helpers import execute_command, flyte_env, read_error, run, write_inputs
+    from workflows.config import PipelineConfig
+    from workflows.flyte_cache import run_fingerprint
+
+    prev = tmp_path / "prev-attempt"  # what save_to_flyte leaves: <flyte checkpoint>/checkpoint-<step>/
+    other_run = os.path.join(_interrupted(prepared, tmp_path), "checkpoint-10")  # config A's
+    prev.mkdir()
+    subprocess.run(["cp", "-a", other_run, str(prev / "checkpoint-10")], check=True)
+    before = tree(prev)
+    config = PipelineConfig.from_dict(identity_faults.CONFIGS["B"])
+    root = str(tmp_path / "attempt")
+    os.makedirs(root)
+    write_inputs(os.path.join(root, "inputs.pb"),
+                 {"config": config, "data": FlyteDirectory(prepared["data"]), "workdir": "",
+                  "fingerprint": run_fingerprint(config)},
+                 {"config": PipelineConfig, "data": FlyteDirectory, "workdir": str, "fingerprint": str})
+    attempt_checkpoint = os.path.join(root, "flyte-checkpoint")
+    finished = run(execute_command(root, "attempt2", "train_model", attempt_checkpoint, str(prev)),
+                   flyte_env(tmp_path), os.path.join(root, "log"))
+
+    assert finished.returncode == 0, finished.stderr[-3000:]  # the failure is in error.pb, as on a cluster
+    error = read_error(os.path.join(root, "attempt2", "out"))
+    assert error.kind == error.NON_RECOVERABLE, error.message  # a retry would be refused the same way
+    assert "CheckpointError" in error.message and "learning_rate: 0.001 in the checkpoint, 0.003 now" in error.message
+    assert "resuming from" not in finished.stderr  # refused before the lock, the marker or the log line
+    assert tree(prev) == before
+    # the attempt's own Flyte checkpoint holds nothing of config B (at most the restored copy of A's checkpoint)
+    saved = identity.read_fingerprint(other_run)
+    assert all(identity.read_fingerprint(p) == saved for p in list_checkpoints(attempt_checkpoint))

@@ -246,6 +246,8 @@ def train(
     trainer = build_trainer(config, data_dir, checkpoint_dir, [*(callbacks or []), recorder], **overrides)
     recorder.callbacks = trainer.callback_handler.callbacks
     current = trainer.run_fingerprint()
+    if isinstance(resume, str) and resume:  # another run's checkpoint is refused before the lock, marker or log line
+        identity.check_resumable(resume, current, ignore_fingerprint)
     rank_zero = trainer.dist.is_world_zero
     with identity.folder_lock(checkpoint_dir) if rank_zero else contextlib.nullcontext():
         if resume is True:
