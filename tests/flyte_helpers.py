@@ -36,6 +36,17 @@ def flyte_env(tmp_path, **extra: str) -> dict[str, str]:
     return env
 
 
+def pyflyte_run(tmp_path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, str, list[str]]:
+    """``pyflyte run`` of the training workflow: the process, its output, and the lines not only box drawing."""
+    proc = subprocess.run(
+        [os.path.join(BIN, "pyflyte"), "run", "workflows/training.py", "training_workflow", *args],
+        cwd=REPO, env=flyte_env(tmp_path, PYTHONPATH=REPO, COLUMNS="100", **env), capture_output=True, text=True,
+        timeout=280,
+    )
+    output = proc.stdout + proc.stderr
+    return proc, output, [line for line in output.splitlines() if line.strip(" │╭╮╰╯─")]
+
+
 @dataclass
 class Finished:
     returncode: int

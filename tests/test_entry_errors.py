@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.flyte_helpers import flyte_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-
-
-def _pyflyte_run(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, str, list[str]]:
-    """``pyflyte run`` of the training workflow; its output and the lines that are not only box drawing."""
-    proc = subprocess.run(
-        [os.path.join(BIN, "pyflyte"), "run", "workflows/training.py", "training_workflow", *args],
-        cwd=REPO, env=flyte_env(tmp_path, PYTHONPATH=REPO, COLUMNS="100"), capture_output=True, text=True, timeout=280,
-    )
-    output = proc.stdout + proc.stderr
-    return proc, output, [line for line in output.splitlines() if line.strip(" │╭╮╰╯─")]
+from tests.flyte_helpers import pyflyte_run
 
 
 @pytest.mark.timeout(300)
 def test_pyflyte_run_refuses_a_non_finite_config_value_in_a_few_lines_naming_the_key(tmp_path):
     # JSON's Infinity reaches the config as float('inf'): before, 7-146 lines of traceback
-    proc, output, lines = _pyflyte_run(tmp_path, "--config", json.dumps({"training": {"warmup_steps": float("inf")}}))
+    proc, output, lines = pyflyte_run(tmp_path, "--config", json.dumps({"training": {"warmup_steps": float("inf")}}))
     assert proc.returncode == 2, output[-2000:]
     assert "Traceback" not in output and len(lines) <= 8, output[-2000:]
     assert "Invalid value for '--config'" in output
@@ -55,7 +39,7 @@ def test_pyflyte_run_refuses_a_config_file_bomb_before_flytekit_parses_it(tmp_pa
     else:
         bomb.write_text("training:\n  note: " + "x" * (2 << 20) + "\n")
         expected = "more than a config may hold"
-    proc, output, lines = _pyflyte_run(tmp_path, "--config", str(bomb))
+    proc, output, lines = pyflyte_run(tmp_path, "--config", str(bomb))
     assert proc.returncode == 2, output[-2000:]
     assert "Traceback" not in output and len(lines) <= 8, output[-2000:]
     flat = " ".join(output.replace("│", " ").split())

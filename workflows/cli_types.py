@@ -45,7 +45,9 @@ class ConfigParamType(click.ParamType):
         except click.BadParameter:
             raise
         except ConfigError as error:
-            self.fail(str(error), param, ctx)
+            from trainer_lib.redaction import mask_urls  # loaded already: the workflow module imports trainer_lib
+
+            self.fail(mask_urls(str(error)), param, ctx)
 
 
 def install() -> None:

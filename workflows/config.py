@@ -84,6 +84,22 @@ def parse_text(text: str, origin: str) -> Any:
     return data
 
 
+def _redacted_repr(self) -> str:
+    """The dataclass repr with secret-named values hidden and URL passwords masked (trainer_lib.redaction).
+
+    flytekit's Input deck renders a task input as ``str(value)``: without this a password in ``data.source`` or a
+    token in any string value would be written into every deck.html. Imported lazily: trainer_lib loads torch.
+    """
+    from trainer_lib.redaction import redact
+
+    parts = []
+    for f in dataclasses.fields(self):
+        value = getattr(self, f.name)
+        shown = value if dataclasses.is_dataclass(value) else redact({f.name: value})[f.name]
+        parts.append(f"{f.name}={shown!r}")
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+
 def parse_json(text: str, origin: str) -> Any:
     """JSON text → plain data (``Infinity`` included, so that the finiteness checks name the key), bounded."""
     if len(text) > MAX_CONFIG_BYTES:
@@ -121,6 +137,8 @@ def read_config_file(path: str) -> dict[str, Any] | None:
 class DataConfig:
     """Where the examples come from and how they are split."""
 
+    __repr__ = _redacted_repr
+
     #: "digits" (scikit-learn's bundled data set) or a path to a .csv / .parquet file
     source: str = "digits"
     #: the label column of a CSV/Parquet source (every other column is a numeric feature)
@@ -133,6 +151,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """A multi-layer perceptron classifier."""
+
+    __repr__ = _redacted_repr
 
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     dropout: float = 0.2
@@ -147,6 +167,8 @@ class TrainingConfig:
     """The Trainer's arguments the pipeline exposes: TrainingArguments names, types and defaults (a test guards
     it), plus ``early_stopping_patience`` (the pipeline's EarlyStoppingCallback). The digits job's own values are
     ``DIGITS_JOB``, the default of ``PipelineConfig.training`` (and of params.yaml)."""
+
+    __repr__ = _redacted_repr
 
     num_train_epochs: float = 3.0
     max_steps: int = -1
@@ -190,6 +212,8 @@ DIGITS_JOB: dict[str, Any] = dict(
 @dataclass
 class PipelineConfig:
     """prepare → train → evaluate."""
+
+    __repr__ = _redacted_repr
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

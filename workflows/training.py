@@ -31,6 +31,7 @@ from flytekitplugins.kfpytorch import Elastic
 
 from callbacks.flyte import NotInFlyteTask, current_flyte_checkpoint, restore_from_flyte, save_to_flyte
 from trainer_lib.identity import RunLockedError
+from trainer_lib.redaction import mask_urls
 from workflows import cli_types, flyte_cache, pipeline
 from workflows.config import ConfigError, DataConfig, PipelineConfig
 from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck
@@ -96,7 +97,7 @@ def validated(config: PipelineConfig) -> PipelineConfig:
     try:
         return PipelineConfig.from_dict(config.to_dict())
     except ConfigError as error:
-        raise ConfigError(f"invalid training config: {error}") from None
+        raise ConfigError(f"invalid training config: {mask_urls(str(error))}") from None
 
 
 def flyte_report_to(config: PipelineConfig) -> list[str]:
@@ -241,7 +242,7 @@ def resolve_run(config: PipelineConfig, overrides: list[str], data: Optional[Fly
         path = config.data.source
         if not os.path.isfile(path):
             raise ConfigError(
-                f"data.source: file {path!r} does not exist here (a cluster cannot read local paths: give the file "
+                f"data.source: file {mask_urls(path)!r} does not exist here (a cluster cannot read local paths: give the file "
                 "as the workflow's --data input, which pyflyte uploads)"
             )
         config.data.source = flyte_cache.content_addressed(path)
