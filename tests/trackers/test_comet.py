@@ -132,3 +132,55 @@ def test_invalid_mode_is_a_clear_error(comet_env, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="COMET_MODE"):
         make_trainer(tmp_path / "out")
 
+
+
+def only_archive(directory, known=()) -> tuple[str, dict]:
+    (path,) = set(glob.glob(str(directory / "*.zip"))) - set(known)
+    return path, read_archive(path)
+
+
+@pytest.mark.timeout(180)
+def test_start_modes_create_get_and_the_experiment_key_variable(comet_env, tmp_path, monkeypatch, caplog):
+    # COMET_MODE=create|get leaves online/offline to Comet's own COMET_START_ONLINE
+    monkeypatch.setenv("COMET_START_ONLINE", "false")
+    monkeypatch.setenv("COMET_MODE", "create")
+    first = make_trainer(tmp_path / "a", max_steps=4, save_steps=2, eval_strategy="no")
+    first.train()
+    path_a, run_a = only_archive(comet_env)
+    assert run_a["experiment"]["resume_strategy"] == "create"
+    assert run_a["experiment"]["user_provided_experiment_key"] is False
+    assert run_a["params"]["max_steps"] == 4 and [s for s, _ in series(run_a, "train/loss")] == [2, 4]
+
+    # create: every training is a new experiment
+    make_trainer(tmp_path / "b", max_steps=2, eval_strategy="no").train()
+    path_b, run_b = only_archive(comet_env, {path_a})
+    assert run_b["experiment"]["offline_id"] != run_a["experiment"]["offline_id"]
+
+    # a resumed training continues its own experiment whatever COMET_MODE says (create would start another)
+    make_trainer(tmp_path / "a", max_steps=4, save_steps=2, eval_strategy="no").train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    path_c, run_c = only_archive(comet_env, {path_a, path_b})
+    assert run_c["experiment"]["offline_id"] == run_a["experiment"]["offline_id"]
+    assert run_c["experiment"]["resume_strategy"] == "get_or_create"
+    assert [s for s, _ in series(run_c, "train/loss")] == [4] and run_c["params"] == {}
+
+    # get: the experiment named by Comet's COMET_EXPERIMENT_KEY receives the new training's values
+    key = run_b["experiment"]["offline_id"]
+    monkeypatch.setenv("COMET_MODE", "get")
+    monkeypatch.setenv("COMET_EXPERIMENT_KEY", key)
+    make_trainer(tmp_path / "d", max_steps=2, eval_strategy="no").train()
+    _, run_d = only_archive(comet_env, {path_a, path_b, path_c})
+    assert run_d["experiment"]["offline_id"] == key and run_d["experiment"]["resume_strategy"] == "get"
+    assert run_d["experiment"]["user_provided_experiment_key"] is True
+    assert [s for s, _ in series(run_d, "train/loss")] == [2]
+
+    # get without a key cannot start: reported once, no archive, the training goes on
+    monkeypatch.delenv("COMET_EXPERIMENT_KEY")
+    before = set(glob.glob(str(comet_env / "*.zip")))
+    trainer = make_trainer(tmp_path / "e", max_steps=2, eval_strategy="no", strict_integrations=False)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert set(glob.glob(str(comet_env / "*.zip"))) == before
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "comet" in r.getMessage().lower()]
+    assert len(warnings) == 1, warnings
