@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import struct
 import time
 from functools import partial
@@ -149,3 +150,37 @@ def test_invalid_environment_is_a_clear_error(wandb_env, tmp_path, monkeypatch, 
     monkeypatch.setenv(name, "sometimes")
     with pytest.raises(ValueError, match=name):
         make_trainer(tmp_path / "out")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("watch, present, absent", [("gradients", "gradients/", "parameters/"),
+                                                    ("parameters", "parameters/", "gradients/")])
+def test_watch_histograms_and_the_model_logged_at_the_end(wandb_env, tmp_path, monkeypatch, watch, present, absent):
+    monkeypatch.setenv("WANDB_WATCH", watch)
+    monkeypatch.setenv("WANDB_LOG_MODEL", "end")
+    # wandb.watch logs every max(100, logging_steps) batches: 200 steps give two histogram rows
+    trainer = make_trainer(tmp_path / "out", max_steps=200, logging_steps=20, save_steps=100, eval_strategy="no")
+    model = trainer.model
+    trainer.train()
+    (run_dir,) = glob.glob(str(wandb_env / "wandb" / "offline-run-*"))
+    run = read_run(run_dir)
+
+    # a histogram is stored as nested items: <kind>/<parameter>/{_type, values, bins}; wandb prefixes the names
+    # with graph_<n> from the second watched model of a process on
+    rows = [{re.sub(r"/graph_\d+", "/", key): value for key, value in row.items()} for row in run["history"]]
+    keys = {key for row in rows for key in row}
+    assert {f"{present}net.0.weight/_type", f"{present}net.3.bias/values"} <= keys, sorted(keys)
+    assert not any(key.startswith(absent) for key in keys)
+    rows = [row for row in rows if f"{present}net.0.weight/_type" in row]
+    assert len(rows) == 2
+    assert all(row[f"{present}net.0.weight/_type"] == "histogram" and sum(row[f"{present}net.0.weight/values"]) > 0
+               for row in rows)
+    # no hooks left on the model once the run is over
+    assert not any(p._backward_hooks for p in model.parameters() if p._backward_hooks is not None)
+    assert not model._forward_hooks
+
+    # WANDB_LOG_MODEL=end: one model artifact, the final model files (no checkpoint folder), after training
+    ((name, files),) = run["artifacts"]
+    assert name == f"model-{run['id']}"
+    assert "model.safetensors" in files and "trainer_state.json" not in files
+    assert run["exit"] == 0
