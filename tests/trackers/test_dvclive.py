@@ -86,3 +86,49 @@ def test_resume_continues_the_logs_without_duplicated_steps(git_repo):
     summary = json.loads((out / "dvclive" / "metrics.json").read_text())
     assert summary["step"] == 20 and summary["train"]["ghost"] == 1.0
     assert summary["train"]["loss"] == pytest.approx(loss[-1][1])
+
+
+def dvc_dir_listing(repo, dvc_file) -> dict[str, str]:
+    """relpath -> md5 of the folder a .dvc file tracks, read from the DVC cache's .dir entry."""
+    from ruamel.yaml import YAML
+
+    (out,) = YAML(typ="safe").load(dvc_file.read_text())["outs"]
+    md5 = out["md5"]
+    entries = json.loads((repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
+    return {entry["relpath"]: entry["md5"] for entry in entries}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("log_model", ["true", "all", "false"])
+def test_log_model_tracks_the_model_with_dvc(git_repo, monkeypatch, log_model):
+    import hashlib
+    import sys
+
+    from safetensors.torch import load_file
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True, cwd=git_repo)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "dvc"], check=True,
+                   cwd=git_repo)
+    monkeypatch.setenv("HF_DVCLIVE_LOG_MODEL", log_model)
+    out = git_repo / "out"
+    trainer = make_trainer(out, max_steps=4, save_steps=2, logging_steps=2, eval_strategy="no")
+    trainer.train()
+
+    dvc_files = sorted(p.relative_to(git_repo).as_posix() for p in git_repo.rglob("*.dvc") if p.is_file())
+    assert not list(git_repo.rglob("dvc.yaml"))  # never writes dvc.yaml
+    if log_model == "false":
+        assert dvc_files == []
+    elif log_model == "true":  # the final model, copied into the live folder and tracked by DVC
+        assert dvc_files == ["out/dvclive/artifacts/last.dvc"]
+        listing = dvc_dir_listing(git_repo, out / "dvclive" / "artifacts" / "last.dvc")
+        assert set(listing) == {"model.safetensors", "config.json"}
+        weights = out / "dvclive" / "artifacts" / "last" / "model.safetensors"
+        assert listing["model.safetensors"] == hashlib.md5(weights.read_bytes()).hexdigest()
+        saved = load_file(str(weights))
+        assert all(saved[k].equal(v) for k, v in trainer.model.state_dict().items())
+    else:  # all: the output folder, every checkpoint in it, tracked at each checkpoint
+        assert dvc_files == ["out.dvc"]
+        listing = dvc_dir_listing(git_repo, git_repo / "out.dvc")
+        assert {"checkpoint-2/model.safetensors", "checkpoint-4/model.safetensors"} <= set(listing)
+        assert listing["checkpoint-4/model.safetensors"] == hashlib.md5(
+            (out / "checkpoint-4" / "model.safetensors").read_bytes()).hexdigest()
