@@ -52,6 +52,9 @@ class DagsHubStub:
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        #: with ``stall`` set, a content PUT is received and then left unanswered until ``release`` is set
+        self.stall, self.release = False, threading.Event()
+        self.unanswered = 0
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -108,6 +111,10 @@ class DagsHubStub:
                         entry["files"][part.get_filename()] = payload
                     else:
                         entry["fields"][part.get_param("name", header="content-disposition")] = payload.decode()
+                if stub.stall:
+                    stub.unanswered += 1
+                    stub.release.wait(120)
+                    stub.unanswered -= 1
                 self._reply(200)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -116,6 +123,7 @@ class DagsHubStub:
         self.thread.start()
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -260,3 +268,27 @@ def test_mlflow_logs_in_as_the_tokens_user_and_only_on_the_repos_own_host(monkey
     monkeypatch.setenv("DAGSHUB_CLIENT_HOST", "https://elsewhere.example")
     configure_mlflow_credentials(10)
     assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
+
+
+def test_upload_that_never_answers_gives_up_reported_once_and_the_run_ends(dagshub_env, mlflow_server, stub, tmp_path,
+                                                                          monkeypatch, caplog):
+    """DAGSHUB_HTTP_TIMEOUT bounds the upload: the stub takes the content PUT and never answers while training
+    runs; train() returns with the PUT still unanswered, one warning names the timeout, the MLflow run is ended (as
+    FAILED: a disabled integration ends its run failed, its model was not committed)."""
+    monkeypatch.setenv("DAGSHUB_HTTP_TIMEOUT", "0.5")
+    stub.stall = True
+    caplog.set_level(logging.WARNING)
+    trainer = make_trainer(tmp_path / "out")
+    output = trainer.train()
+
+    assert output.global_step == 10
+    assert [r["method"] for r in stub.requests].count("PUT") == 1 and stub.unanswered == 1  # given up, not answered
+    warnings = [r.getMessage() for r in caplog.records if r.name == "trainer_lib.callback"]
+    assert len(warnings) == 1 and "DAGSHUB_HTTP_TIMEOUT" in warnings[0], warnings
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(dagshub_env).experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10]
+    assert run.info.status == "FAILED"
