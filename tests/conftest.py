@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,6 +20,22 @@ from unittest import mock
 import pytest
 
 START_TIMEOUT_S = 60.0
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--shuffle-seed", type=int, default=None, metavar="N",
+                     help="run the collected tests in a random order drawn from N (finds tests that depend on order)")
+
+
+def pytest_report_header(config) -> str | None:
+    seed = config.getoption("--shuffle-seed")
+    return None if seed is None else f"test order shuffled with --shuffle-seed {seed}"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    seed = config.getoption("--shuffle-seed")
+    if seed is not None:
+        random.Random(seed).shuffle(items)
 
 #: prefixes of every tracker's settings: a test neither inherits them from the shell nor leaks them to the next test
 #: (ClearML also leaves TRAINS_* behind in a process that used it; DagsHub sets MLFLOW_TRACKING_* credentials)
