@@ -1,8 +1,9 @@
-"""Secrets in task inputs never reach what Flyte renders: the Input decks (flytekit writes ``str(input)``), the
-console of ``pyflyte run`` and its errors. Real ``pyflyte run`` with decks on, a canary password in a URL.
+"""Secrets in task inputs never reach what Flyte renders: the Input decks (flytekit writes ``str(input)``), flytekit's
+"Invoking <task> with inputs" log line, the console of ``pyflyte run`` and its errors. Real ``pyflyte run`` with
+decks on, a canary password in a URL.
 
 What flytekit cannot be told to hide: a remote execution's inputs as Flyte stores and shows them (the console's
-Inputs tab) and flytekit's debug logging of literal maps. The config schema is strict (no field is named like a
+Inputs tab). The config schema is strict (no field is named like a
 credential), so only a URL with a password in a string value could carry one there: keep credentials in the
 environment / Flyte secrets, never in the config (README, Flyte).
 """
@@ -37,8 +38,10 @@ def test_a_url_password_in_the_config_is_masked_in_the_input_decks_and_the_conso
     config.write_text(yaml.safe_dump({"training": {
         "max_steps": 5, "eval_strategy": "no", "save_strategy": "no", "report_to": ["none"],
         "run_name": f"https://flytrain:{canary}@example.invalid/run"}}))
-    proc, output, _ = pyflyte_run(tmp_path, "--config", str(config))
+    # at INFO flytekit logs "Invoking <task> with inputs: {...}" (the inputs' repr) for every task
+    proc, output, _ = pyflyte_run(tmp_path, "--config", str(config), FLYTE_SDK_LOGGING_LEVEL="20")
     assert proc.returncode == 0, output[-3000:]
+    assert "with inputs:" in output and "https://flytrain:***@example.invalid/run" in output, output[-3000:]
     decks = find_files(str(tmp_path / "tmp"), "deck.html")
     assert len(decks) == 2, output[-2000:]  # train_model's and evaluate_model's, each with an Input deck
     for deck in decks:
