@@ -21,15 +21,20 @@ TINY = {
 OUTPUTS = re.compile(r"PipelineOutputs\(data=(\S+?), model=(\S+?), logs=\S+?, metrics=\S+?, test_metrics=(\{.*?\})\)")
 
 
-def write_csv(path, rows: int = 240) -> None:
+def write_csv(path, rows: int = 240, start: int = 0) -> None:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     columns = [f"p{i}" for i in range(x.shape[1])]
     with open(path, "w", encoding="utf-8") as f:
         f.write(",".join(columns + ["label"]) + "\n")
-        for features, label in zip(x[:rows], y[:rows]):
+        for features, label in zip(x[start:start + rows], y[start:start + rows]):
             f.write(",".join(f"{v:g}" for v in features) + f",{label}\n")
+
+
+def split_hashes(data_uri: str) -> dict:
+    with open(os.path.join(data_uri, "meta.json"), encoding="utf-8") as f:
+        return json.load(f)["split_hashes"]
 
 
 def flyte_run(tmp_path, name: str, *args: str, config: dict | None = None) -> dict:
@@ -80,6 +85,39 @@ def test_cache_keys_on_data_content_and_run_fingerprint_not_on_paths_or_trackers
         assert json.load(f)["learning_rate"] == pytest.approx(0.01)
 
 
+def test_a_folder_of_shards_is_one_table_keyed_by_its_content(tmp_path):
+    shards = tmp_path / "a" / "digits"
+    shards.mkdir(parents=True)
+    # written out of name order: the folder is read in sorted name order, so it is the 240-row file below
+    write_csv(shards / "part-1.csv", rows=120, start=120)
+    write_csv(shards / "part-0.csv", rows=120)
+    whole = tmp_path / "whole.csv"
+    write_csv(whole)
+
+    first = flyte_run(tmp_path, "first", "--data_dir", str(shards))
+    single = flyte_run(tmp_path, "single", "--data", str(whole))
+    assert single["data"] != first["data"]  # another source, so another cache entry ...
+    assert split_hashes(single["data"]) == split_hashes(first["data"])  # ... holding the same splits
+
+    # one byte of one shard changed: prepare and train run again
+    shard = shards / "part-1.csv"
+    original = shard.read_bytes()
+    shard.write_bytes(original.replace(b"\n0,0,", b"\n0,1,", 1))
+    assert shard.read_bytes() != original
+    second = flyte_run(tmp_path, "second", "--data_dir", str(shards))
+    assert second["data"] != first["data"] and second["model"] != first["model"]
+    assert split_hashes(second["data"]) != split_hashes(first["data"])
+
+    # the same shards in another folder (with a Spark-style marker file the loader skips): every result is reused
+    shard.write_bytes(original)
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(shards, copy)
+    (copy / "_SUCCESS").write_text("")
+    third = flyte_run(tmp_path, "third", "--data_dir", str(copy))
+    assert (third["data"], third["model"]) == (first["data"], first["model"])
+    assert set(third["decks"]) == {"evaluate_model"}  # training came from the cache
+
+
 def test_content_hashes_follow_bytes_not_places(tmp_path):
     from workflows.flyte_cache import content_addressed, tree_digest
 
@@ -99,6 +137,55 @@ def test_content_hashes_follow_bytes_not_places(tmp_path):
     csv.write_text("x,label\n1,0\n")
     assert re.fullmatch(r"sha256:[0-9a-f]{64}\.csv", content_addressed(str(csv)))
     assert content_addressed(str(csv), "s3://bucket/upload.parquet").endswith(".parquet")
+
+
+def test_folder_hash_covers_the_shards_read_and_only_them(tmp_path):
+    from workflows.config import ConfigError
+    from workflows.flyte_cache import folder_addressed
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "part-0.csv").write_text("x,label\n1,0\n")
+        (folder / "part-1.csv").write_text("x,label\n2,1\n")
+    (b / "_SUCCESS").write_text("")
+    (b / ".part-0.csv.crc").write_text("checksum")
+    key = folder_addressed(str(a))
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}/", key) and folder_addressed(str(b)) == key
+    (b / "part-1.csv").write_text("x,label\n3,1\n")
+    assert folder_addressed(str(b)) != key
+    (b / "part-1.csv").write_text("x,label\n2,1\n")
+    (b / "part-1.csv").rename(b / "part-2.csv")  # a renamed shard may be read in another order: other data
+    assert folder_addressed(str(b)) != key
+
+    (b / "notes.txt").write_text("")
+    with pytest.raises(ConfigError, match="holds 'notes.txt'; expected only .csv or .parquet shards"):
+        folder_addressed(str(b))
+    (b / "notes.txt").unlink()
+    (b / "part-3.parquet").write_bytes(b"")
+    with pytest.raises(ConfigError, match="mixes .csv and .parquet"):
+        folder_addressed(str(b))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no .csv or .parquet file"):
+        folder_addressed(str(tmp_path / "empty"))
+
+
+def test_a_bad_row_of_a_shard_is_named_by_shard_and_line(tmp_path):
+    from workflows.config import ConfigError, DataConfig
+    from workflows.data import load_source
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "part-0.csv").write_text("x,label\n1,0\n2,1\n")
+    (folder / "part-1.csv").write_text("x,label\n3,0\nfour,1\n")
+    with pytest.raises(ConfigError, match=r"'four' at part-1\.csv row 2 \(line 3\)"):
+        load_source(DataConfig(source=str(folder)))
+    (folder / "part-1.csv").write_text("y,label\n3,0\n")
+    with pytest.raises(ConfigError, match=r"shard 'part-1.csv' has columns \['y', 'label'\], expected those of "):
+        load_source(DataConfig(source=str(folder)))
+    (folder / "part-1.csv").write_text("x,label\n3,0\n4,1\n")
+    x, y, classes = load_source(DataConfig(source=str(folder)))
+    assert x[:, 0].tolist() == [1, 2, 3, 4] and y.tolist() == [0, 1, 0, 1] and classes == ["0", "1"]
 
 
 def test_fingerprint_ignores_only_observation_settings():

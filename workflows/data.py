@@ -1,4 +1,10 @@
-"""Data for the pipeline: load the source (digits, CSV or Parquet), split it, store and read the splits."""
+"""Data for the pipeline: load the source (digits, CSV or Parquet), split it, store and read the splits.
+
+A source folder holds the shards of one table (as pandas/Spark/Dask write it: ``part-0000.parquet``, …): every
+``.csv`` or ``.parquet`` file directly inside it, all of one format and with the same columns, read in sorted name
+order and concatenated; the pipeline then splits the whole as it splits one file. Names starting with ``.`` or ``_``
+(``_SUCCESS``, ``.part-0000.crc``) are skipped; any other entry (a subfolder, a README) is an error naming it.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +29,12 @@ def load_source(config: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
         x, y = load_digits(return_X_y=True)
         return (x / 16.0).astype(np.float32), y.astype(np.int64), [str(i) for i in range(10)]
     path = config.source
-    if not os.path.isfile(path):
-        raise ConfigError(f"data.source: file {path!r} does not exist (expected 'digits' or a .csv/.parquet file)")
+    if not os.path.exists(path):
+        raise ConfigError(f"data.source: {path!r} does not exist (expected 'digits', a .csv/.parquet file or a "
+                          "folder of them)")
     import pandas as pd
 
-    frame = _read_table(path)
+    frame, where = _read_source(path)
     if config.label_column not in frame.columns:
         columns = [str(c)[:40] for c in frame.columns[:10]] + (["..."] if len(frame.columns) > 10 else [])
         raise ConfigError(
@@ -39,7 +46,7 @@ def load_source(config: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
     missing = labels_raw.isna().to_numpy()
     if missing.any():
         raise ConfigError(f"data.source: {path!r}: label column {config.label_column!r} is empty or NaN at "
-                          f"{_row(path, int(missing.argmax()))}")
+                          f"{where(int(missing.argmax()))}")
     if frame.shape[1] == 0:
         raise ConfigError(f"data.source: {path!r} has no feature columns besides {config.label_column!r}")
     for column in frame.columns:
@@ -49,11 +56,11 @@ def load_source(config: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
             bad = (numeric.isna() & values.notna()).to_numpy()
             first = int(bad.argmax()) if bad.any() else 0
             raise ConfigError(f"data.source: {path!r}: feature column {str(column)[:40]!r} is not numeric "
-                              f"({str(values.iloc[first])[:40]!r} at {_row(path, first)})")
+                              f"({str(values.iloc[first])[:40]!r} at {where(first)})")
         finite = np.isfinite(values.to_numpy(dtype=np.float64))
         if not finite.all():
             raise ConfigError(f"data.source: {path!r}: feature column {str(column)[:40]!r} is missing or not finite "
-                              f"at {_row(path, int((~finite).argmax()))}")
+                              f"at {where(int((~finite).argmax()))}")
     classes = sorted(labels_raw.astype(str).unique())
     index = {c: i for i, c in enumerate(classes)}
     labels = labels_raw.astype(str).map(index).to_numpy(dtype=np.int64)
@@ -62,7 +69,7 @@ def load_source(config: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
         column, row = next((c, i) for c in range(features.shape[1]) for i in range(features.shape[0])
                            if not np.isfinite(features[i, c]))
         raise ConfigError(f"data.source: {path!r}: feature column {str(frame.columns[column])[:40]!r} is out of "
-                          f"float32 range at {_row(path, row)}")
+                          f"float32 range at {where(row)}")
     return features, labels, classes
 
 
@@ -83,9 +90,55 @@ def _read_table(path: str):
     raise ConfigError(f"data.source: {path!r} must end in .csv or .parquet")
 
 
-def _row(path: str, index: int) -> str:
+def _row_in(path: str, index: int) -> str:
     """Where a 0-based data row is, for a person opening the file (a CSV's line counts its header)."""
     return f"row {index + 1} (line {index + 2})" if path.endswith(".csv") else f"row {index + 1}"
+
+
+def source_files(path: str) -> list[str]:
+    """The files a source stands for: the file itself, or a folder's shards in the order they are read."""
+    if not os.path.isdir(path):
+        return [path]
+    shards, suffixes = [], set()
+    for name in sorted(os.listdir(path)):
+        if name.startswith((".", "_")):
+            continue
+        full = os.path.join(path, name)
+        suffix = os.path.splitext(name)[1].lower()
+        if not os.path.isfile(full) or suffix not in (".csv", ".parquet"):
+            raise ConfigError(f"data.source: folder {path!r} holds {name!r}; expected only .csv or .parquet shards "
+                              "(names starting with '.' or '_' are skipped)")
+        shards.append(full)
+        suffixes.add(suffix)
+    if not shards:
+        raise ConfigError(f"data.source: folder {path!r} holds no .csv or .parquet file")
+    if len(suffixes) > 1:
+        raise ConfigError(f"data.source: folder {path!r} mixes .csv and .parquet shards; expected one format")
+    return shards
+
+
+def _read_source(path: str):
+    """The source as one DataFrame, and a function naming where its 0-based row ``i`` is (shard, row, line)."""
+    shards = source_files(path)
+    if len(shards) == 1 and shards[0] == path:
+        return _read_table(path), lambda i: _row_in(path, i)
+    import pandas as pd
+
+    frames, starts = [], []
+    for shard in shards:
+        frame = _read_table(shard)
+        if frames and list(frame.columns) != list(frames[0].columns):
+            raise ConfigError(f"data.source: shard {os.path.basename(shard)!r} has columns "
+                              f"{[str(c)[:40] for c in frame.columns[:10]]}, expected those of "
+                              f"{os.path.basename(shards[0])!r}: {[str(c)[:40] for c in frames[0].columns[:10]]}")
+        starts.append(sum(len(f) for f in frames))
+        frames.append(frame)
+
+    def locate(index: int) -> str:
+        n = max(k for k, start in enumerate(starts) if start <= index)
+        return f"{os.path.basename(shards[n])} {_row_in(shards[n], index - starts[n])}"
+
+    return pd.concat(frames, ignore_index=True), locate
 
 
 def split(features: np.ndarray, labels: np.ndarray, config: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -19,7 +19,7 @@ from callbacks.flyte_deck import evaluation_html
 #: a mark of each of our decks in flytekit's deck.html, most specific first (a local run's later decks also carry
 #: the earlier tasks' tabs)
 DECK_OWNERS = {'class="flytrain-heatmap': "evaluate_model", 'class="flytrain-log-history': "train_model"}
-_state: dict[str, Any] = {"registered": False, "metrics": None, "sandbox": None}
+_state: dict[str, Any] = {"registered": False, "metrics": None, "sandbox": None, "silenced": False}
 
 
 def confusion_matrix(confusion_csv: str, classes: list[str]) -> list[list[int]]:
@@ -77,6 +77,11 @@ def announce_at_exit() -> None:
     atexit.register(_announce)
 
 
+def silence_at_exit() -> None:
+    """A local run that ends early (refused input, interrupted) has no decks or metrics to announce."""
+    _state["silenced"] = True
+
+
 def remember_test_metrics(metrics: dict[str, float]) -> None:
     _state["metrics"] = dict(metrics)
 
@@ -93,6 +98,8 @@ def find_decks(sandbox: str) -> list[tuple[str, str]]:
 
 
 def _announce() -> None:
+    if _state["silenced"]:
+        return
     lines = []
     metrics = _state["metrics"]
     if metrics:

@@ -1,7 +1,10 @@
 """What Flyte's task cache keys on: data by content (SHA-256), the run by its fingerprint, versions from the code.
 
 - ``prepare_data`` keys on the data section of the config, whose ``source`` is rewritten to ``sha256:<digest>.<ext>``
-  for a file: a changed byte is a miss, the same bytes in another place (or uploaded again) are a hit.
+  for a file: a changed byte is a miss, the same bytes in another place (or uploaded again) are a hit. A folder
+  source (shards of one table, see ``workflows.data``) becomes ``sha256:<digest>/``, the digest taken over each
+  shard's name and bytes in reading order: one changed byte, a renamed or an added shard is a miss; an identical
+  folder elsewhere is a hit (files the loader skips, ``_SUCCESS`` and the like, are not in it).
 - ``train_model`` keys on the prepared data's content hash and the run fingerprint (the config without the settings
   that only observe a run: ``report_to`` and the like, see ``pipeline._config_digest``). ``workdir`` is not in the key
   either: it only says where checkpoints live, and a resumed run ends bit-identical to an uninterrupted one.
@@ -39,17 +42,23 @@ def file_digest(path: str, digest=None) -> str:
     return digest.hexdigest()
 
 
+def files_digest(root: str, paths: list[str]) -> str:
+    """SHA-256 over each of ``paths``' path relative to ``root`` and its bytes, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        file_digest(path, digest)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def tree_digest(root: str) -> str:
     """SHA-256 over every file's relative path and bytes under ``root``, in sorted order."""
-    digest = hashlib.sha256()
+    paths = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, root).encode() + b"\0")
-            file_digest(path, digest)
-            digest.update(b"\0")
-    return digest.hexdigest()
+        paths.extend(os.path.join(folder, name) for name in sorted(files))
+    return files_digest(root, paths)
 
 
 def _directory_hash(directory: FlyteDirectory) -> str:
@@ -78,3 +87,10 @@ def source_suffix(*names: str | None) -> str:
 def content_addressed(source_path: str, *names: str | None) -> str:
     """``sha256:<digest><suffix>``: the ``data.source`` that stands for a file's content in a cache key."""
     return f"{SOURCE_PREFIX}{file_digest(source_path)}{source_suffix(*names, source_path)}"
+
+
+def folder_addressed(folder: str) -> str:
+    """``sha256:<digest>/``: the ``data.source`` that stands for a folder of shards (the ones the loader reads)."""
+    from .data import source_files
+
+    return f"{SOURCE_PREFIX}{files_digest(folder, source_files(folder))}/"

@@ -5,7 +5,7 @@ Cluster: ``pyflyte --config flyte.config run --remote workflows/training.py trai
 
 ``--config`` takes JSON or a YAML/JSON file (e.g. params.yaml), parsed strictly (an unknown key is an error);
 ``--overrides '["training.learning_rate=0.002"]'`` sets keys as ``dvc exp run -S`` does; ``--data FILE`` trains on a
-CSV/Parquet file (uploaded by pyflyte). Cached tasks key on content and the run fingerprint (workflows/flyte_cache.py).
+CSV/Parquet file and ``--data_dir DIR`` on a folder of CSV/Parquet shards (uploaded by pyflyte). Cached tasks key on content and the run fingerprint (workflows/flyte_cache.py).
 ``--workdir DIR`` keeps the checkpoints in DIR: the same command started again after an interruption continues
 from the newest checkpoint. On a cluster, checkpoints also go to the task's Flyte checkpoint, so a retried attempt
 (preemption, lost node) resumes where the previous attempt stopped.
@@ -34,7 +34,7 @@ from trainer_lib.identity import RunLockedError
 from trainer_lib.redaction import mask_urls
 from workflows import cli_types, flyte_cache, pipeline
 from workflows.config import ConfigError, DataConfig, PipelineConfig
-from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck
+from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck, silence_at_exit
 from workflows.image import build_image
 from workflows.interrupts import StepWatch, interrupted_notice
 from workflows.overrides import apply_overrides
@@ -70,6 +70,7 @@ class EvalOutputs(NamedTuple):
 class ResolvedRun(NamedTuple):
     config: PipelineConfig
     source: Optional[FlyteFile]
+    source_dir: Optional[FlyteDirectory]
     fingerprint: str
 
 
@@ -182,6 +183,7 @@ def _end_local_run(error: BaseException, watch: StepWatch, checkpoint_dir: str |
         message = (f"interrupted at step {watch.step}; its checkpoints were in a temporary folder: "
                    "pass --workdir DIR to make a run resumable")
     print(message, file=sys.stderr, flush=True)
+    silence_at_exit()
     raise SystemExit(128 + (signal.SIGTERM if isinstance(error, Preempted) else signal.SIGINT)) from None
 
 
@@ -224,43 +226,83 @@ def run_training(config: PipelineConfig, data: FlyteDirectory, workdir: str) -> 
 
 
 # -- tasks ---------------------------------------------------------------------------------------------------------
-@task(container_image=IMAGE, requests=Resources(cpu="1", mem="1Gi"))
-def resolve_run(config: PipelineConfig, overrides: list[str], data: Optional[FlyteFile] = None) -> ResolvedRun:
-    """The run's config (overrides applied, checked) with its data source addressed by content, and the run's
-    fingerprint: the cache keys of the tasks after it hold the data's SHA-256 and the fingerprint, never a path.
+def _refuse_locally(error: ConfigError, option: str | None) -> None:
+    """A bad input of a local `pyflyte run` (an override, a data path): one usage-error line as click's, exit 2."""
+    if _is_local_run():
+        message = mask_urls(str(error))  # a value in the message may be a URL with a password
+        print(f"Error: Invalid value for '{option}': {message}" if option else f"Error: {message}", file=sys.stderr,
+              flush=True)
+        silence_at_exit()
+        raise SystemExit(2) from None
 
-    Not cached (it is what makes the later keys trustworthy); it reads the data file once to hash it.
-    """
-    announce_at_exit()
-    config = apply_overrides(validated(config), overrides)
-    source = None
+
+def _address_source(config: PipelineConfig, data: Optional[FlyteFile], data_dir: Optional[FlyteDirectory]):
+    """``(file, folder)`` inputs of the data, with ``config.data.source`` set to their content hash."""
+    if data is not None and data_dir is not None:
+        raise ConfigError("data: give --data (a file) or --data_dir (a folder of shards), not both")
     if data is not None:
         path = data.download()
         config.data.source = flyte_cache.content_addressed(path, data.remote_source, data.path, config.data.source)
-        source = data
-    elif config.data.source != "digits":
-        path = config.data.source
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"data.source: file {mask_urls(path)!r} does not exist here (a cluster cannot read local paths: give the file "
-                "as the workflow's --data input, which pyflyte uploads)"
-            )
-        config.data.source = flyte_cache.content_addressed(path)
-        source = FlyteFile(path)
-    return ResolvedRun(config=config, source=source, fingerprint=flyte_cache.run_fingerprint(config))
+        return data, None
+    if data_dir is not None:
+        config.data.source = flyte_cache.folder_addressed(data_dir.download())
+        return None, data_dir
+    path = config.data.source
+    if path == "digits":
+        return None, None
+    if os.path.isdir(path):
+        config.data.source = flyte_cache.folder_addressed(path)
+        return None, FlyteDirectory(path)
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"data.source: {mask_urls(path)!r} does not exist here (a cluster cannot read local paths: give it as "
+            "the workflow's --data (file) or --data_dir (folder) input, which pyflyte uploads)"
+        )
+    config.data.source = flyte_cache.content_addressed(path)
+    return FlyteFile(path), None
+
+
+@task(container_image=IMAGE, requests=Resources(cpu="1", mem="1Gi"))
+def resolve_run(
+    config: PipelineConfig,
+    overrides: list[str],
+    data: Optional[FlyteFile] = None,
+    data_dir: Optional[FlyteDirectory] = None,
+) -> ResolvedRun:
+    """The run's config (overrides applied, checked) with its data source addressed by content, and the run's
+    fingerprint: the cache keys of the tasks after it hold the data's SHA-256 and the fingerprint, never a path.
+
+    Not cached (it is what makes the later keys trustworthy); it reads the data once to hash it. A bad override or
+    data path ends a local run with one usage-error line (exit 2); on a cluster the task fails without a retry.
+    """
+    announce_at_exit()
+    option = "--overrides"
+    try:
+        config = apply_overrides(validated(config), overrides)
+        option = None  # the data's errors name the input or data.source themselves
+        source, source_dir = _address_source(config, data, data_dir)
+    except ConfigError as error:
+        _refuse_locally(error, option)
+        raise
+    return ResolvedRun(config=config, source=source, source_dir=source_dir,
+                       fingerprint=flyte_cache.run_fingerprint(config))
 
 
 @task(
     cache=True,
     cache_version=flyte_cache.CACHE_VERSION,
-    cache_ignore_input_vars=("source",),  # data.source holds its content hash
+    cache_ignore_input_vars=("source", "source_dir"),  # data.source holds their content hash
     container_image=IMAGE,
     requests=Resources(cpu="1", mem="1Gi"),
 )
-def prepare_data(data: DataConfig, source: Optional[FlyteFile] = None) -> flyte_cache.ContentDirectory:
-    """Load and split the data (cached on the data section, whose source is the file's content hash)."""
+def prepare_data(
+    data: DataConfig, source: Optional[FlyteFile] = None, source_dir: Optional[FlyteDirectory] = None
+) -> flyte_cache.ContentDirectory:
+    """Load and split the data (cached on the data section, whose source is the file's or folder's content hash)."""
     sandbox = flytekit.current_context().working_directory
-    if source is not None:
+    if source_dir is not None:
+        data.source = source_dir.download()
+    elif source is not None:
         local = os.path.join(sandbox, "source", "data" + flyte_cache.source_suffix(data.source))
         os.makedirs(os.path.dirname(local), exist_ok=True)
         shutil.copyfile(source.download(), local)
@@ -331,6 +373,7 @@ def training_workflow(
     workdir: str = "",
     data: Optional[FlyteFile] = None,
     overrides: list[str] = [],  # noqa: B006 (a workflow default is a literal, never mutated)
+    data_dir: Optional[FlyteDirectory] = None,
 ) -> PipelineOutputs:
     """resolve → prepare → train → evaluate.
 
@@ -341,9 +384,11 @@ def training_workflow(
         data: a CSV/Parquet file (a local path is uploaded, or a remote URI) used instead of config's data.source.
         overrides: ``section.key=value`` items as ``dvc exp run -S`` takes them, e.g.
             '["training.learning_rate=0.002"]'.
+        data_dir: a folder of CSV or Parquet shards of one table (read in sorted name order and concatenated,
+            then split as one file is), instead of ``data``.
     """
-    run = resolve_run(config=config, overrides=overrides, data=data)
-    prepared = prepare_data(data=run.config.data, source=run.source)
+    run = resolve_run(config=config, overrides=overrides, data=data, data_dir=data_dir)
+    prepared = prepare_data(data=run.config.data, source=run.source, source_dir=run.source_dir)
     trained = train_model(config=run.config, data=prepared, fingerprint=run.fingerprint, workdir=workdir)
     evaluated = evaluate_model(config=run.config, data=prepared, model=trained.model)
     return PipelineOutputs(prepared, trained.model, trained.logs, evaluated.metrics, evaluated.test_metrics)
@@ -355,10 +400,11 @@ def distributed_training_workflow(
     workdir: str = "",
     data: Optional[FlyteFile] = None,
     overrides: list[str] = [],  # noqa: B006
+    data_dir: Optional[FlyteDirectory] = None,
 ) -> PipelineOutputs:
     """training_workflow with the training task distributed over NPROC_PER_NODE processes."""
-    run = resolve_run(config=config, overrides=overrides, data=data)
-    prepared = prepare_data(data=run.config.data, source=run.source)
+    run = resolve_run(config=config, overrides=overrides, data=data, data_dir=data_dir)
+    prepared = prepare_data(data=run.config.data, source=run.source, source_dir=run.source_dir)
     trained = train_model_distributed(config=run.config, data=prepared, fingerprint=run.fingerprint, workdir=workdir)
     evaluated = evaluate_model(config=run.config, data=prepared, model=trained.model)
     return PipelineOutputs(prepared, trained.model, trained.logs, evaluated.metrics, evaluated.test_metrics)
