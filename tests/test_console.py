@@ -4,6 +4,7 @@ or is interrupted (real subprocesses, a real pseudo-terminal, real signals)."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.flyte_helpers import BIN, complete_checkpoint, flyte_env, run_until
 from tests.helpers import accuracy, digits, make_model
 from trainer_lib import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from trainer_lib.checkpoint import checkpoint_step, list_checkpoints
@@ -31,6 +33,7 @@ TIMING = re.compile(r"runtime|per_second|total_flos")
 #: a small training that logs and evaluates (90 steps of a tiny MLP)
 SMALL_TRAINING = r"""
 import sys
+from tests.flyte_helpers import BIN, complete_checkpoint, flyte_env, run_until
 from tests.helpers import accuracy, digits, make_model
 from trainer_lib import Trainer, TrainingArguments
 
@@ -219,3 +222,30 @@ def test_ctrl_c_and_sigterm_stop_with_one_notice_and_the_same_command_resumes(tm
         step, kept = map(int, re.fullmatch(expected, lines[0]).groups())
         assert kept <= step and (tmp_path / "ckpt" / f"checkpoint-{kept}").is_dir()
     assert not (tmp_path / "model").exists()
+
+
+def test_sigterm_of_pyflyte_run_prints_a_few_lines_and_the_same_command_resumes(tmp_path):
+    """`kill -TERM` of a local `pyflyte run … --workdir DIR`: the notice, exit 143; started again, it resumes."""
+    config = {"model": {"hidden_sizes": [16]},
+              "training": {"max_steps": 100000, "logging_steps": 100000, "eval_strategy": "no",
+                           "save_strategy": "steps", "save_steps": 50}}
+    checkpoints = tmp_path / "work" / "checkpoints"
+    cmd = [os.path.join(BIN, "pyflyte"), "run", "workflows/training.py", "training_workflow",
+           "--config", json.dumps(config), "--workdir", str(tmp_path / "work")]
+    expected = r"interrupted at step (\d+) of 100000; (checkpoint-\d+) kept; run the same command to continue"
+
+    kept = None
+    for attempt in ("first", "second"):
+        # the event decides when to signal: a complete checkpoint newer than the one the last run kept
+        newer = lambda: (found := complete_checkpoint(str(checkpoints))) and os.path.basename(found) != kept  # noqa: E731
+        done = run_until(cmd, flyte_env(tmp_path), str(tmp_path / attempt), newer, sig=signal.SIGTERM)
+        output = done.stdout + done.stderr
+        assert done.signalled and done.returncode == 143, output[-3000:]
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert len(lines) <= 15 and "Traceback" not in output, output[-3000:]
+        notices = [re.fullmatch(expected, line) for line in lines if line.startswith("interrupted")]
+        assert len(notices) == 1 and notices[0], lines
+        if kept:  # the same command continued from the checkpoint the first run kept, and said so
+            assert any(re.search(rf"resuming from \S+/{kept}\b", line) for line in lines), lines
+        step, kept = int(notices[0].group(1)), notices[0].group(2)
+        assert (checkpoints / kept).is_dir() and int(kept.split("-")[1]) <= step

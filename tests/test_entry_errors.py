@@ -45,3 +45,17 @@ def test_pyflyte_run_refuses_a_config_file_bomb_before_flytekit_parses_it(tmp_pa
     flat = " ".join(output.replace("│", " ").split())
     assert f"Invalid value for '--config': config file '{bomb}'" in flat, output[-2000:]
     assert expected in flat, output[-2000:]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("override, needle", [
+    ("training.learning_rat=0.002", "unknown config key(s) training.learning_rat"),
+    ("training.learning_rate=fast", "training.learning_rate: expected a number, got 'fast'"),
+    ("training.learning_rate 0.002", "override 'training.learning_rate 0.002': expected section.key=value"),
+])
+def test_pyflyte_run_refuses_a_bad_override_in_a_few_lines_naming_the_key(tmp_path, override, needle):
+    proc, output, lines = pyflyte_run(tmp_path, "--overrides", json.dumps([override]))
+    assert proc.returncode == 2, output[-2000:]
+    assert "Traceback" not in output and len(lines) <= 4, output[-2000:]
+    assert "Error: Invalid value for '--overrides': " in output and needle in output, output[-2000:]
+    assert not (tmp_path / ".flyte" / "local-cache").exists()  # refused before any task ran
