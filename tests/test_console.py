@@ -236,8 +236,10 @@ def test_sigterm_of_pyflyte_run_prints_a_few_lines_and_the_same_command_resumes(
 
     kept = None
     for attempt in ("first", "second"):
-        # the event decides when to signal: a complete checkpoint newer than the one the last run kept
-        newer = lambda: (found := complete_checkpoint(str(checkpoints))) and os.path.basename(found) != kept  # noqa: E731
+        def newer(previous=kept) -> bool:  # the event decides when to signal: a checkpoint this run wrote
+            found = complete_checkpoint(str(checkpoints))
+            return found is not None and os.path.basename(found) != previous
+
         done = run_until(cmd, flyte_env(tmp_path), str(tmp_path / attempt), newer, sig=signal.SIGTERM)
         output = done.stdout + done.stderr
         assert done.signalled and done.returncode == 143, output[-3000:]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.browser import inked, pixels_near, requires_chromium, screenshot
 from trainer_lib.checkpoint import checkpoint_step, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +192,23 @@ def test_metrics_show_and_plots_show(project, tmp_path):
         assert "://" not in source and not source.startswith("//")
         svg = (tmp_path / "plots" / source).read_text()
         assert svg.startswith("<svg") and "http" not in svg.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+@requires_chromium
+def test_plots_show_page_renders_its_static_charts_with_no_network(project, tmp_path):
+    """`dvc plots show`'s page in headless Chromium with every request refused (no CDN for Vega): the static
+    charts (loss curves, confusion matrix) are still drawn, in the colours only they use."""
+    repo = project["repo"]
+    restore(repo)
+    run(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    page = tmp_path / "plots" / "index.html"
+    pixels = screenshot(str(page), str(tmp_path / "plots.png"), size=(1400, 2400))
+    assert inked(pixels) > 0.01 * pixels.shape[0] * pixels.shape[1], "the page rendered (almost) blank"
+    # workflows/plots.py's colours (the Vega plots draw nothing offline): the training and validation loss lines,
+    # and the heat map's darkest cells (its diagonal)
+    for what, colour in (("training loss", (0, 114, 178)), ("validation loss", (230, 159, 0)),
+                         ("confusion diagonal", (8, 81, 156))):
+        assert pixels_near(pixels, colour, tolerance=24) > 300, f"{what}: not drawn in {page}"
 
 
 def test_a_training_param_change_reruns_train_and_evaluate_but_not_prepare(project):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
 
-import numpy as np
 import pytest
+
+from tests.browser import inked, pixels_near, requires_chromium, screenshot_html
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -146,29 +144,8 @@ def test_evaluation_deck_reads_what_the_pipeline_wrote(tmp_path):
 
 
 # -- rendered by a browser -------------------------------------------------------------------------------------------
-def _screenshot(html: str, out: str) -> None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    page = out + ".html"
-    with open(page, "w", encoding="utf-8") as f:
-        f.write(f"<!doctype html><html><body>{html}</body></html>")
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-             f"--screenshot={out}", "--window-size=1200,1600", f"file://{page}"],
-            check=True, capture_output=True, timeout=120,
-        )
-
-
-def _pixels_near(pixels, colour: tuple[int, int, int], tolerance: int = 40) -> int:
-    return int((abs(pixels.astype(int) - colour) <= tolerance).all(axis=-1).sum())
-
-
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="headless Chromium is not installed (apt-get install chromium)")
+@requires_chromium
 def test_both_decks_render_in_chromium_to_pictures_that_are_not_blank(tmp_path):
-    from PIL import Image
-
     from callbacks.flyte_deck import evaluation_html, log_history_html
 
     training = log_history_html(history())
@@ -177,11 +154,9 @@ def test_both_decks_render_in_chromium_to_pictures_that_are_not_blank(tmp_path):
     for name, html, colour in (("training", training, (31, 119, 180)), ("evaluation", evaluation, (31, 78, 153))):
         assert len(html.encode()) < 1_000_000 and "<script" not in html
         png = str(tmp_path / f"{name}.png")
-        _screenshot(html, png)
-        with Image.open(png) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        inked = int((pixels.min(axis=-1) < 200).sum())
-        assert inked > 0.01 * pixels.shape[0] * pixels.shape[1], f"{name} deck rendered (almost) blank: {inked} px"
+        pixels = screenshot_html(html, png)
+        drawn = inked(pixels)
+        assert drawn > 0.01 * pixels.shape[0] * pixels.shape[1], f"{name} deck rendered (almost) blank: {drawn} px"
         # the lines of the charts / the dark diagonal of the heatmap are drawn
-        assert _pixels_near(pixels, colour) > 500, f"{name}: no pixels of the chart/heatmap colour"
+        assert pixels_near(pixels, colour) > 500, f"{name}: no pixels of the chart/heatmap colour"
         os.remove(png + ".html")
