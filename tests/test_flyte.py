@@ -326,7 +326,7 @@ def test_every_workflow_serialises_for_a_cluster(tmp_path):
     for name in ("prepare_data", "train_model", "train_model_distributed"):
         meta = tasks[name].metadata
         assert meta.discoverable and meta.discovery_version == CACHE_VERSION, name
-    assert list(tasks["prepare_data"].metadata.cache_ignore_input_vars) == ["source"]
+    assert sorted(tasks["prepare_data"].metadata.cache_ignore_input_vars) == ["source", "source_dir"]
     for name in ("train_model", "train_model_distributed"):
         meta = tasks[name].metadata
         assert meta.retries.retries >= 2 and meta.interruptible and meta.generates_deck.value
