@@ -165,8 +165,9 @@ def _trained(stderr: str) -> list[int]:
 
 
 def test_tuning_workflow_survives_a_failed_trial_resumes_without_retraining_and_nests_mlflow_runs(tmp_path, mlflow_server):
-    """2 rounds x 2 trials, one failing; interrupted in round 2 and run again: round 1 is not trained again, the best
-    trial is the one with the best validation accuracy, and every trial is a child of one MLflow study run."""
+    """2 rounds x 2 trials, one failing; interrupted in the middle of round 2 (its first trial finished, the second
+    training) and run again: neither round 1 nor the finished trial of round 2 is trained again, the best trial is
+    the one with the best validation accuracy, and every trial is a child of one MLflow study run."""
     from mlflow import MlflowClient
 
     from tests.flyte_helpers import BIN, flyte_env, run_until
@@ -180,17 +181,18 @@ def test_tuning_workflow_survives_a_failed_trial_resumes_without_retraining_and_
            "--workdir", str(tmp_path / "work")]
     stderr_path = tmp_path / "first" / "stderr.txt"
 
-    def round_two_started() -> bool:
-        return stderr_path.exists() and len(_trained(stderr_path.read_text(errors="replace"))) >= 3
+    def last_trial_started() -> bool:  # the grid's order: round 1 is trials 0 (HUGE) and 1, round 2 is 2 and 3
+        return stderr_path.exists() and len(_trained(stderr_path.read_text(errors="replace"))) >= 4
 
-    first = run_until(cmd, env, str(tmp_path / "first"), round_two_started)
+    first = run_until(cmd, env, str(tmp_path / "first"), last_trial_started)
     assert first.signalled, first.stderr[-3000:]
-    round_one = _trained(first.stderr)[:2]
+    assert _trained(first.stderr) == [0, 1, 2, 3] and "trial-2: finished" in first.stderr, first.stderr[-3000:]
 
     second = run_until(cmd, env, str(tmp_path / "second"), None)
     assert second.returncode == 0, second.stderr[-3000:]
-    retrained = _trained(second.stderr)
-    assert sorted(round_one + retrained) == [0, 1, 2, 3]  # round 1 came from Flyte's cache, round 2 ran
+    # round 1 came from Flyte's cache, trial 2 from the workdir, only the interrupted trial 3 trained again
+    assert _trained(second.stderr) == ([] if "trial-3: finished" in first.stderr else [3]), second.stderr[-3000:]
+    assert "trial-2: finished in an earlier run, reused" in second.stderr
 
     # the study: one failed trial, the best is the complete trial with the highest validation accuracy
     search = SearchConfig.from_dict(TUNING_SEARCH)

@@ -5,6 +5,10 @@ TrainingArguments in its own folder ``<output_dir>/<trial name>`` (so its checkp
 trial's), and reports ``compute_objective`` of each evaluation to the backend (which may prune the trial).
 ``TrainerState.trial_name``/``trial_params`` are set for callbacks and saved in checkpoints. Optuna is the one
 backend; it is imported only when a search runs (``pip install 'flytrain[tune]'``).
+
+Trackers: with an MLflow callback, the search has one parent run (the active run when there is one, else a new run
+named after the Optuna study) holding the best value and values at the end, and each trial's run is its child,
+tagged with the trial's number and values; W&B runs of a search share the group named after the study.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from . import study_runs
 from .arguments import TrainingArguments
 
 if TYPE_CHECKING:
@@ -133,6 +138,40 @@ def report(trainer: Trainer, metrics: dict[str, float]) -> None:
                 raise optuna.TrialPruned(f"pruned at step {trainer.state.global_step}")
 
 
+def _reports_to_mlflow(trainer: Trainer) -> bool:
+    callbacks = [cb for cb in trainer.callback_handler.callbacks if getattr(cb, "integration_name", None) == "mlflow"]
+    if not callbacks:
+        return False
+    from callbacks._common import env_flag  # loaded already: an MLflow callback is in use
+
+    return not env_flag("DISABLE_MLFLOW_INTEGRATION")
+
+
+def _open_parent_run(study, n_trials: int) -> tuple[str, bool]:
+    """The search's parent MLflow run: the user's active run, else a new one; and whether the search owns it."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None:
+        return active.info.run_id, False
+    params = {"n_trials": n_trials, "direction": ",".join(d.name.lower() for d in study.directions),
+              "sampler": type(study.sampler).__name__}
+    return study_runs.open_study_run(study.study_name, params, run_name=study.study_name), True
+
+
+def _close_parent_run(run_id: str, owned: bool, study) -> None:
+    state = import_optuna().trial.TrialState
+    counts = {f"trials_{s.name.lower()}": sum(t.state == s for t in study.trials)
+              for s in (state.COMPLETE, state.FAIL, state.PRUNED)}
+    done = [t for t in study.trials if t.state == state.COMPLETE]
+    if len(study.directions) == 1 and done:
+        best = study.best_trial
+        study_runs.close_study_run(run_id, "objective", best.number, best.value, best.params, counts,
+                                   "FINISHED" if owned else None)
+    elif owned:
+        study_runs.end_study_run(run_id, "FINISHED")
+
+
 def run_hp_search_optuna(trainer: Trainer, n_trials: int, direction: str | list[str], **kwargs) -> BestRun | list[BestRun]:
     """One Optuna study, trials one after another in this process; ``kwargs`` go to ``optuna.create_study``."""
     optuna = import_optuna()
@@ -142,16 +181,32 @@ def run_hp_search_optuna(trainer: Trainer, n_trials: int, direction: str | list[
     if n_jobs != 1:
         raise ValueError(f"hyperparameter_search: n_jobs={n_jobs}: one Trainer trains one trial at a time (n_jobs=1)")
 
-    def objective(trial):
-        trainer.objective = None
-        trainer.train(trial=trial)
-        if trainer.objective is None:  # no evaluation during training
-            trainer.objective = trainer.compute_objective(trainer.evaluate())
-        return trainer.objective
-
     directions = direction if isinstance(direction, list) else None
     study = optuna.create_study(direction=None if directions else direction, directions=directions, **kwargs)
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=gc_after_trial)
+    parent, owned = _open_parent_run(study, n_trials) if _reports_to_mlflow(trainer) else ("", False)
+
+    def objective(trial):
+        trainer.objective = None
+        if trainer.hp_space is not None:
+            trainer.hp_space(trial)  # the trial's values, for its tracker tags (asking again returns the same)
+        env = study_runs.trial_environment(study.study_name, trial.number, hp_params(trial), parent,
+                                           group=study.study_name)
+        if parent and not owned:
+            env["MLFLOW_NESTED_RUN"] = "true"  # a child of the user's active run, not logged into it
+        with study_runs.environment(env):
+            trainer.train(trial=trial)
+            if trainer.objective is None:  # no evaluation during training
+                trainer.objective = trainer.compute_objective(trainer.evaluate())
+        return trainer.objective
+
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=gc_after_trial)
+    except BaseException:
+        if owned:
+            study_runs.end_study_run(parent, "FAILED")
+        raise
+    if parent:
+        _close_parent_run(parent, owned, study)
     if directions:
         return [BestRun(str(t.number), t.values, t.params) for t in study.best_trials]
     best = study.best_trial

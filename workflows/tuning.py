@@ -7,12 +7,15 @@ Shape: ``resolve_run`` → ``prepare_data`` → ``start_study`` (an empty Optuna
 ``train_trial`` over them (side by side on a cluster, one after another locally), then calls itself with the new study
 file, until the budget is spent → ``finish_study`` (best trial, deck) → ``evaluate_model`` on the best trial's model.
 A trial that fails is recorded as failed and the study goes on, unless fewer than ``min_success_ratio`` of a round
-succeed. Trials are cached on their inputs (the trial's number and config, the data), and a seeded study proposes the
-same trials again, so re-running an interrupted search trains no finished trial twice.
+succeed. Trials are cached on their key (the trial's number, its run fingerprint and the data's content hash, as
+train_model is), and a seeded study proposes the same trials again, so re-running an interrupted search trains no
+finished trial twice; with ``--workdir`` each finished trial is also kept there (workflows/trial_store.py), since a
+local map task is cached by whole rounds only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import html
@@ -20,7 +23,6 @@ import json
 import logging
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -30,7 +32,8 @@ from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from workflows import pipeline
+from trainer_lib import study_runs
+from workflows import flyte_cache, pipeline, trial_store
 from workflows import search as study_file
 from workflows.config import ConfigError, PipelineConfig, SearchConfig, apply_params
 from workflows.training import (
@@ -50,7 +53,7 @@ from workflows.training import (
 logger = logging.getLogger("workflows.tuning")
 
 #: bump when the trial task's code changes what a cached trial would have produced
-TRIAL_CACHE_VERSION = "1"
+TRIAL_CACHE_VERSION = f"{flyte_cache.CACHE_VERSION}-trial2"
 
 
 @dataclass
@@ -97,10 +100,8 @@ class TuningOutputs(NamedTuple):
 
 # -- helpers ----------------------------------------------------------------------------------------------------
 def study_key(config: PipelineConfig, search: SearchConfig) -> str:
-    """Names a study by what it searches: the same config and space give the same key (and the same parent run)."""
-    relevant = config.to_dict()
-    relevant["training"] = {k: v for k, v in relevant["training"].items() if k != "report_to"}
-    text = json.dumps({"config": relevant, "search": search.to_dict()}, sort_keys=True, default=str)
+    """Names a study by what it searches: the same run fingerprint and space give the same key (and parent run)."""
+    text = json.dumps({"config": flyte_cache.run_fingerprint(config), "search": search.to_dict()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -120,66 +121,16 @@ def _check(config: PipelineConfig, search: SearchConfig) -> tuple[PipelineConfig
     return config, search
 
 
-@contextmanager
-def _environment(values: dict[str, str]):
-    """Set environment variables for one trial (trackers read them at setup) and restore them afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def trial_key(number: int, config: PipelineConfig, data_digest: str) -> str:
+    """What a trial's cache entry is keyed on: its number, its run fingerprint (observation-only settings such as
+    report_to or logging_steps are out) and the prepared data's content hash."""
+    return f"{number}-{flyte_cache.run_fingerprint(config)}-{data_digest}"
 
 
-def _mlflow_client():
-    import mlflow
-
-    return mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri())
-
-
-def _experiment_id(client) -> str:
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
-    if not name:
-        return os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip() or "0"
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
-
-
-def open_study_run(key: str, search: SearchConfig) -> str:
-    """The parent MLflow run of a study: the one tagged with its key (a re-run continues it), else a new one."""
-    client = _mlflow_client()
-    experiment = _experiment_id(client)
-    found = client.search_runs([experiment], max_results=1,
-                              filter_string=f"tags.`flytrain.study` = '{key}' and tags.`flytrain.role` = 'study'")
-    if found:
-        run_id = found[0].info.run_id
-        if found[0].info.status != "RUNNING":
-            client.update_run(run_id, status="RUNNING")
-        return run_id
-    run = client.create_run(experiment, run_name=f"study-{key[:8]}",
-                            tags={"flytrain.study": key, "flytrain.role": "study"})
-    from mlflow.entities import Param
-
+def _open_study_run(key: str, search: SearchConfig) -> str:
     values = {k: v for k, v in search.to_dict().items() if k != "params"}
-    values["space"] = json.dumps(search.to_dict()["params"], sort_keys=True)[:6000]
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in values.items()])
-    return run.info.run_id
-
-
-def _trial_environment(trial: TrialSpec, study_run: str) -> dict[str, str]:
-    """Tracker settings of one trial: a child of the study's MLflow run, in the study's W&B group."""
-    env = {"WANDB_RUN_GROUP": f"study-{trial.study[:8]}"}
-    if study_run:
-        raw = os.environ.get("MLFLOW_TAGS", "").strip()
-        tags = json.loads(raw) if raw else {}
-        tags.update({"mlflow.parentRunId": study_run, "flytrain.study": trial.study, "flytrain.trial": str(trial.number)})
-        tags.update({f"trial.{k}": json.dumps(v) for k, v in json.loads(trial.params).items()})
-        env["MLFLOW_TAGS"] = json.dumps(tags)
-    return env
+    values["space"] = json.dumps(search.to_dict()["params"], sort_keys=True)
+    return study_runs.open_study_run(key, values)
 
 
 def trial_objective(model_dir: str, metric: str) -> float:
@@ -199,31 +150,40 @@ def start_study(config: PipelineConfig, search: SearchConfig) -> StudyStart:
     config, search = _check(config, search)
     path = os.path.join(flytekit.current_context().working_directory, "study-0.log")
     study_file.create(search, path)
-    run_id = open_study_run(study_key(config, search), search) if _uses_mlflow(config) else ""
+    run_id = _open_study_run(study_key(config, search), search) if _uses_mlflow(config) else ""
     return StudyStart(study=FlyteFile(path), study_run=run_id)
 
 
 @task(
     cache=True,
     cache_version=TRIAL_CACHE_VERSION,
-    # where checkpoints go and which parent run links the trial do not change what the trial trains
-    cache_ignore_input_vars=("workdir", "study_run"),
+    # the key holds what the trial trains (number, run fingerprint, data hash); the full trial (its observation-only
+    # settings), the data folder's place, where checkpoints go and the parent run do not change it
+    cache_ignore_input_vars=("trial", "data", "workdir", "study_run"),
     retries=2,
     interruptible=True,
     container_image=IMAGE,
     requests=Resources(cpu="2", mem="2Gi"),
 )
-def train_trial(trial: TrialSpec, data: FlyteDirectory, metric: str, workdir: str = "", study_run: str = "") -> TrialResult:
-    """Train one trial (resuming from its checkpoints, like train_model) and score it on the validation split."""
+def train_trial(key: str, trial: TrialSpec, data: FlyteDirectory, metric: str, workdir: str = "",
+                study_run: str = "") -> TrialResult:
+    """Train one trial (resuming from its checkpoints, like train_model) and score it on the validation split; with
+    a ``workdir``, a trial kept there under the same ``key`` is returned without training."""
     _log_to_stderr()
     config = validated(trial.config)
     name = f"trial-{trial.number}"
+    kept = trial_store.location(workdir, key, metric, TRIAL_CACHE_VERSION) if workdir else ""
+    found = trial_store.load(kept, key) if kept else None
+    if found is not None:
+        logger.info("%s: finished in an earlier run, reused from %s (%s=%.6g)", name, kept, metric, found["objective"])
+        return TrialResult(trial.number, trial.params, found["objective"], trial.config, FlyteDirectory(found["model"]))
     sandbox = os.path.join(flytekit.current_context().working_directory, name)  # map subtasks may share one
     run_dir = os.path.join(os.path.abspath(workdir), name) if workdir else os.path.join(sandbox, "run")
     model_dir = os.path.join(sandbox, "model")
     logger.info("%s: training %s", name, trial.params)
     try:
-        with _sigterm_raises(), _environment(_trial_environment(trial, study_run)):
+        env = study_runs.trial_environment(trial.study, trial.number, json.loads(trial.params), study_run)
+        with _sigterm_raises(), study_runs.environment(env):
             resume = _resume_point(sandbox) or True
             pipeline.train(config, data.download(), os.path.join(run_dir, "checkpoints"), model_dir, resume=resume,
                            report_to=flyte_report_to(config), logging_dir=os.path.join(run_dir, "tensorboard"),
@@ -235,6 +195,8 @@ def train_trial(trial: TrialSpec, data: FlyteDirectory, metric: str, workdir: st
         raise
     objective = trial_objective(model_dir, metric)
     logger.info("%s: finished, %s=%.6g", name, metric, objective)
+    if kept:
+        model_dir = trial_store.save(kept, key, objective, model_dir)
     return TrialResult(trial.number, trial.params, objective, trial.config, FlyteDirectory(model_dir))
 
 
@@ -264,15 +226,20 @@ def run_rounds(
         if succeeded < math.ceil(search.min_success_ratio * len(asked)):
             raise RuntimeError(f"only {succeeded} of {len(asked)} trials of the round succeeded "
                                f"(search.min_success_ratio={search.min_success_ratio})")
-        done = done + [r for r in results if r is not None]
+        # a cached result carries the config of the run that trained it: keep this run's (same fingerprint)
+        configs = {t.number: t.config for t in asked}
+        done = done + [dataclasses.replace(r, config=configs[r.number]) for r in results if r is not None]
     proposals = study_file.ask(search, path, search.parallelism)
     if not proposals:
         return finish_study(search=search, study=FlyteFile(path), trials=done, study_run=study_run)
     key = study_key(config, search)
     specs = [TrialSpec(number, json.dumps(values, sort_keys=True), apply_params(config, values), key)
              for number, values in proposals]
+    data_digest = flyte_cache.tree_digest(data.download())
+    keys = [trial_key(t.number, t.config, data_digest) for t in specs]
     trainer = functools.partial(train_trial, data=data, metric=search.metric, workdir=workdir, study_run=study_run)
-    trained = map_task(trainer, concurrency=search.parallelism, min_success_ratio=search.min_success_ratio)(trial=specs)
+    trained = map_task(trainer, concurrency=search.parallelism, min_success_ratio=search.min_success_ratio)(
+        key=keys, trial=specs)
     return run_rounds(config=config, search=search, data=data, study=FlyteFile(path), asked=specs, results=trained,
                       done=done, workdir=workdir, study_run=study_run)
 
@@ -293,18 +260,9 @@ def finish_study(search: SearchConfig, study: FlyteFile, trials: list[TrialResul
 
 
 def _close_study_run(run_id: str, search: SearchConfig, best: dict, table: list[dict]) -> None:
-    from mlflow.entities import Metric, Param, RunTag
-
-    client = _mlflow_client()
-    existing = client.get_run(run_id).data.params
-    params = [Param(f"best.{k}", json.dumps(v)) for k, v in best["params"].items()]
-    params = [p for p in params if existing.get(p.key, p.value) == p.value]  # a param is written once
-    metrics = [Metric(f"best_{search.metric}", best["value"], 0, 0),
-               Metric("trials_failed", sum(t["state"] == study_file.FAILED for t in table), 0, 0),
-               Metric("trials_complete", sum(t["state"] == study_file.COMPLETE for t in table), 0, 0)]
-    client.log_batch(run_id, metrics=metrics, params=params,
-                     tags=[RunTag("flytrain.best_trial", str(best["number"]))])
-    client.set_terminated(run_id, "FINISHED")
+    counts = {f"trials_{name}": sum(t["state"] == state for t in table)
+              for name, state in (("failed", study_file.FAILED), ("complete", study_file.COMPLETE))}
+    study_runs.close_study_run(run_id, search.metric, best["number"], best["value"], best["params"], counts)
 
 
 # -- deck ---------------------------------------------------------------------------------------------------------
