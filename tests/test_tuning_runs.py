@@ -116,11 +116,3 @@ def test_tuning_workflow_reads_the_search_from_params_yaml_and_caches_trials_on_
     changed, _ = tune("changed", report_to=[], weight_decay=0.3)
     assert _trained(changed.stderr) == [0, 1], changed.stderr[-3000:]
 
-
-def test_search_option_rejects_a_bad_search_section_naming_the_key(tmp_path):
-    from workflows.config import ConfigError, SearchConfig
-
-    text = json.dumps({"training": {}, "search": {**SEARCH, "n_trials": 0}})
-    with pytest.raises(ConfigError, match=r"search\.n_trials: expected an integer >= 1"):
-        SearchConfig.from_json(text)
-    assert SearchConfig.from_json(json.dumps({"search": SEARCH})).n_trials == 2
