@@ -45,7 +45,8 @@ class ConfigParamType(click.ParamType):
         except click.BadParameter:
             raise
         except ConfigError as error:
-            from trainer_lib.redaction import mask_urls  # loaded already: the workflow module imports trainer_lib
+            # trainer_lib is loaded already here (the workflow module imports it); not at import: it loads torch
+            from trainer_lib.redaction import mask_urls
 
             self.fail(mask_urls(str(error)), param, ctx)
 
