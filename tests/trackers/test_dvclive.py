@@ -132,3 +132,21 @@ def test_log_model_tracks_the_model_with_dvc(git_repo, monkeypatch, log_model):
         assert {"checkpoint-2/model.safetensors", "checkpoint-4/model.safetensors"} <= set(listing)
         assert listing["checkpoint-4/model.safetensors"] == hashlib.md5(
             (out / "checkpoint-4" / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_no_studio_payload_is_gathered_when_studio_is_not_configured(git_repo, monkeypatch):
+    """DVCLive builds its Studio payload (params.yaml parsed, every plot file re-read) at each sync and drops it when
+    Studio is off; the callback skips that work. Counted on DVCLive's own method, the metrics still all written."""
+    from dvclive import Live
+
+    for name in ("DVC_STUDIO_TOKEN", "STUDIO_TOKEN", "DVC_STUDIO_URL", "DVC_STUDIO_REPO_URL"):
+        monkeypatch.delenv(name, raising=False)
+    gathered = []
+    original = Live._get_live_data
+    monkeypatch.setattr(Live, "_get_live_data", lambda self: gathered.append(self.step) or original(self))
+    trainer = make_trainer(git_repo / "out")
+    trainer.train()
+    assert gathered == []
+    live_dir = git_repo / "out" / "dvclive"
+    assert rows(live_dir / "plots" / "metrics" / "train" / "loss.tsv") == logged(trainer, "loss")
+    assert json.loads((live_dir / "metrics.json").read_text())["step"] == trainer.state.global_step
