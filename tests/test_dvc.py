@@ -81,8 +81,9 @@ def write_params(repo: Path, changes: dict) -> None:
 
 def restore(repo: Path) -> None:
     """Back to the committed baseline as a fresh clone has it: git files (the cache: false metrics, plots and DVCLive
-    logs), DVC-tracked data and model from the cache, no checkpoints (the train stage's untracked side folder)."""
-    run(repo, "git", "reset", "--hard", "-q")
+    logs), DVC-tracked data and model from the cache, no checkpoints (the train stage's untracked side folder).
+    Commits a test made (the CSV test commits its params and data) are dropped too: no test sees another's."""
+    run(repo, "git", "reset", "--hard", "-q", "baseline")
     run(repo, "git", "clean", "-fdq")
     run(repo, "dvc", "checkout", "--force", "-q")
     for side in [repo / "checkpoints", *repo.glob("checkpoints.previous*")]:
@@ -127,6 +128,7 @@ def project(tmp_path_factory):
     checkpoints = [checkpoint_step(p) for p in list_checkpoints(str(repo / "checkpoints"))]
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")
+    run(repo, "git", "tag", "baseline")  # restore() returns here, whatever a test committed after it
     return {"repo": repo, "first": first.stdout, "digests": digests(repo), "checkpoints": checkpoints,
             "lock": (repo / "dvc.lock").read_bytes()}
 
@@ -373,3 +375,4 @@ def test_a_params_change_after_an_interrupted_repro_trains_from_scratch_and_says
     (notice,) = [line for line in output.splitlines() if "belong to another run" in line]
     assert "learning_rate: 0.001 in the checkpoint, 0.002 now" in notice and "training from scratch" in notice
     assert sorted(checkpoint_step(p) for p in list_checkpoints(str(repo / "checkpoints.previous"))) == saved
+    assert checkpoint_step(list_checkpoints(str(repo / "checkpoints"))[-1]) == MAX_STEPS  # the new run, whole
