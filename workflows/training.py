@@ -30,6 +30,7 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from callbacks.flyte import NotInFlyteTask, current_flyte_checkpoint, restore_from_flyte, save_to_flyte
+from trainer_lib import TrainerCallback
 from trainer_lib.identity import RunLockedError
 from trainer_lib.redaction import mask_urls
 from workflows import cli_types, flyte_cache, pipeline
@@ -154,16 +155,27 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _resume_point(sandbox: str) -> str | None:
-    """The newest complete checkpoint of the previous attempt (cluster retries), re-saved to this attempt's Flyte
-    checkpoint at once so that a retry of this attempt still finds it even if no new checkpoint is written."""
+class _KeepResumePoint(TrainerCallback):
+    """Re-saves the previous attempt's checkpoint to this attempt's Flyte checkpoint when training begins, i.e.
+    once it was accepted as this run's (fingerprint checked): a retry of this attempt still finds it even if no new
+    checkpoint is written, and another run's checkpoint is never passed on as this attempt's."""
+
+    def __init__(self, found: str | None, checkpoint) -> None:
+        self.found, self.checkpoint = found, checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.found and _is_rank_zero():
+            save_to_flyte(self.found, self.checkpoint)
+        self.found = None
+
+
+def _resume_point(sandbox: str) -> tuple[str | None, _KeepResumePoint]:
+    """The newest complete checkpoint of the previous attempt (cluster retries) and the callback that re-saves it."""
     checkpoint = current_flyte_checkpoint()
     found = restore_from_flyte(checkpoint, os.path.join(sandbox, "previous-attempt"))
     if found:
         logger.info("restored %s from the previous attempt's Flyte checkpoint", found)
-        if _is_rank_zero():
-            save_to_flyte(found, checkpoint)
-    return found
+    return found, _KeepResumePoint(found, checkpoint)
 
 
 def _is_local_run() -> bool:
@@ -202,16 +214,16 @@ def run_training(config: PipelineConfig, data: FlyteDirectory, workdir: str) -> 
             # the previous attempt's checkpoint is resumed only when it belongs to this run (same fingerprint:
             # pipeline.train refuses another run's with a CheckpointError); --workdir reuse is pipeline.train's
             # resume=True: the newest checkpoint of this run, under the workdir's lock
-            resume = _resume_point(sandbox) or True
+            found, keep = _resume_point(sandbox)
             pipeline.train(
                 config,
                 data_dir,
                 os.path.join(run_dir, "checkpoints"),
                 model_dir,
-                resume=resume,
+                resume=found or True,
                 report_to=flyte_report_to(config),
                 logging_dir=logs_dir,
-                callbacks=[watch],
+                callbacks=[watch, keep],
             )
     except BaseException as error:
         if isinstance(error, Preempted | KeyboardInterrupt) and _is_local_run():
