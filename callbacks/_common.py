@@ -158,6 +158,7 @@ class TrackerCallback(IntegrationCallback):
         self._sender: Sender | None = None
         self._send_error: BaseException | None = None
         self._warned_failure = False
+        self._continuing = False  # reopened after training by continue_from: no parameters logged again
 
     # -- what a tracker implements -------------------------------------------------------------------------
     def _open(self, args, state, model) -> None:  # pragma: no cover - overridden
@@ -177,6 +178,48 @@ class TrackerCallback(IntegrationCallback):
 
     def _is_open(self) -> bool:
         """Whether there is a run to send to (False e.g. when the tracker is disabled by its own variable)."""
+        return True
+
+    def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
+        """Where a run came from (``tags``: flat strings) and extra run parameters, in the tracker's own place for
+        them (tags, config, text)."""
+
+    def _log_file(self, path: str) -> None:
+        """A result file (the test confusion matrix) attached to the run, where the tracker keeps files."""
+
+    # -- the run after training ------------------------------------------------------------------------------
+    def run_reference(self) -> dict[str, Any] | None:
+        """What identifies this tracker's run (ids, paths; no secrets): recorded with the model, read back by
+        ``continue_from`` in another process. None: no run."""
+        return None
+
+    def continue_from(self, reference: dict[str, Any]) -> bool:
+        """Point a fresh callback at the run ``reference`` names (as a resumed training continues its run);
+        whether that run can be continued here."""
+        return False
+
+    def log_facts(self, tags: dict[str, str], params: dict[str, str], step: int = 0) -> None:
+        """``_log_facts`` on the open run (nothing when none is open on this process)."""
+        if self._initialized and self._is_open():
+            self._log_facts(tags, params, step)
+
+    def report_results(self, args, state, metrics: Mapping[str, float], tags: dict[str, str],
+                       params: dict[str, str], files: list[str]) -> bool:
+        """After training, in this process or another: the run named by ``continue_from`` reopened, ``metrics``
+        logged at ``state.global_step``, the facts and ``files`` attached, the run ended again; whether it was
+        open."""
+        self._continuing, self._in_train = True, False
+        if not self._ensure_setup(args, state, None):
+            self._end(failed=False)
+            return False
+        try:
+            self._buffer.append((state.global_step, dict(metrics)))
+            self.flush()
+            self._log_facts(tags, params, state.global_step)
+            for path in files:
+                self._log_file(path)
+        finally:
+            self._end(failed=False)
         return True
 
     # -- the lifecycle ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class ClearMLCallback(TrackerCallback):
         self._owns_task = False
         self._closed = False
         self._warned_closed = False
+        self._task_id: str | None = None
 
     @property
     def task(self):
@@ -72,6 +73,7 @@ class ClearMLCallback(TrackerCallback):
                 auto_connect_frameworks={"pytorch": False, "tensorboard": False},
             )
             self._owns_task = True
+        self._task_id = self._task.id
         # connect() may write values back (UI overrides of a remote run): it gets a copy, never the arguments
         self._task.connect(dict(training_params(args, model)), name=PARAMS_SECTION)
 
@@ -103,6 +105,17 @@ class ClearMLCallback(TrackerCallback):
         logger.info("ClearML: uploading %s as an artifact", name)
         # the folder is zipped before this returns, so checkpoint rotation cannot pull it away mid-upload
         self._task.upload_artifact(name=name, artifact_object=folder, metadata={"global_step": state.global_step})
+
+    def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
+        self._task.connect({**tags, **params}, name="provenance")  # a copy: values written back are dropped
+
+    def run_reference(self) -> dict[str, Any] | None:
+        return {"task_id": self._task_id} if self._task_id else None
+
+    def continue_from(self, reference: dict[str, Any]) -> bool:
+        """A closed task cannot be reopened: values logged after training are reported as not recorded."""
+        self._closed = True
+        return True
 
     def _close(self, failed: bool) -> None:
         task, self._task = self._task, None

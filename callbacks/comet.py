@@ -88,6 +88,21 @@ class CometCallback(TrackerCallback, ExportableState):
             logger.info("Comet: logging %s as assets; this may take a while", args.output_dir)
             self._experiment.log_asset_folder(args.output_dir, step=state.global_step, log_file_name=True, recursive=True)
 
+    def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
+        self._experiment.log_others(tags)
+        if params:
+            self._experiment.log_parameters(params)
+
+    def _log_file(self, path: str) -> None:
+        self._experiment.log_asset(path, file_name=os.path.basename(path))
+
+    def run_reference(self) -> dict[str, Any] | None:
+        return {"experiment_key": self.experiment_key} if self.experiment_key else None
+
+    def continue_from(self, reference: dict[str, Any]) -> bool:
+        self.experiment_key = reference.get("experiment_key")
+        return bool(self.experiment_key)
+
     def _close(self, failed: bool) -> None:
         experiment, self._experiment = self._experiment, None
         if experiment is not None:

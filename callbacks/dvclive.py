@@ -135,18 +135,21 @@ class DVCLiveCallback(TrackerCallback):
         self._dir = dir
         self._live_kwargs = live_kwargs
         self._last_step: dict[str, int] = {}
+        self._live_dir: str | None = None  # the folder in use, kept after the run ends (run_reference)
 
     def _open(self, args, state, model) -> None:
         if self.live is None:
             live_dir = self._dir or os.path.join(args.output_dir, "dvclive")
             resume = state.global_step > 0
-            if resume and os.path.isdir(live_dir):
+            if resume and os.path.isdir(live_dir) and not self._continuing:
                 truncate_history(live_dir, state.global_step)
             options = {"save_dvc_exp": False, "dvcyaml": None, **self._live_kwargs}
             self.live = _live_class()(dir=live_dir, resume=resume, **options)
             self._owns_live = True
+        self._live_dir = os.path.abspath(self.live.dir)
         self._last_step = {}
-        self.live.log_params(training_params(args, model))
+        if not self._continuing:
+            self.live.log_params(training_params(args, model))
 
     def _send(self, events) -> None:
         for step, logs in events:
@@ -158,7 +161,8 @@ class DVCLiveCallback(TrackerCallback):
             for key, value in rewrite_logs(numbers).items():
                 if self._last_step.get(key) == step:
                     continue  # "epoch" comes with every train and eval log of a step
-                self.live.log_metric(key, value, plot=key not in summary_only)
+                # test metrics (the evaluate stage's, at the last step) belong in the summary, not in a plot
+                self.live.log_metric(key, value, plot=key not in summary_only and not key.startswith("test/"))
                 self._last_step[key] = step
         # next_step rebuilds metrics.json from all plot files: once per burst, not once per event
         self.live.next_step()
@@ -173,6 +177,21 @@ class DVCLiveCallback(TrackerCallback):
             folder = save_model_files(model, os.path.join(args.output_dir, name))
             self.live.log_artifact(folder, name=name, type="model", copy=True)
         self.live.step = state.global_step
+
+    def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
+        self.live.log_params({**tags, **params})
+
+    def run_reference(self) -> dict[str, Any] | None:
+        return {"dir": self._live_dir} if self._live_dir else None
+
+    def continue_from(self, reference: dict[str, Any]) -> bool:
+        """An existing DVCLive folder (with its metrics.json), continued with ``resume=True``; not the DVC train
+        stage's own output (``stage_output``), which must stay what the train stage wrote."""
+        live_dir = reference.get("dir")
+        if reference.get("stage_output") or not live_dir or not os.path.isfile(os.path.join(live_dir, "metrics.json")):
+            return False
+        self._dir = live_dir
+        return True
 
     def _close(self, failed: bool) -> None:
         """End the Live run (its files stay consistent), also when training raised; a given ``live`` is ended at

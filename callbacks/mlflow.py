@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import tempfile
 import time
 import weakref
 from typing import Any
@@ -17,10 +18,14 @@ from typing import Any
 from trainer_lib.redaction import mask_urls
 from trainer_lib.state import ExportableState
 
-from ._common import FailureBudget, TrackerCallback, env_flag, numeric_items, training_params
+from ._common import FailureBudget, TrackerCallback, env_flag, numeric_items, save_model_files, training_params
 from ._mlflow_names import _chunks, _env_tags, _expand_json_params, sanitize_name
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+#: run artifact folder of the final model's files (HF_MLFLOW_LOG_ARTIFACTS)
+FINAL_MODEL_ARTIFACT = "final_model"
 
 class _RunCloser:
     """Ends a run left open when the callback is collected or the process exits (holds no reference to it); bounded
@@ -74,6 +79,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self._closer: _RunCloser | None = None
         self._warned_keys: set[str] = set()
         self._killed = False
+        self._continue_uri: str | None = None  # the reference's tracking URI (continue_from)
 
     # -- checkpointed state ----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -96,7 +102,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self._max_param_length = validation.MAX_PARAM_VAL_LENGTH
         self._params_per_batch = validation.MAX_PARAMS_TAGS_PER_BATCH
         self.max_buffered_values = validation.MAX_METRICS_PER_BATCH
-        self._uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        self._uri = os.environ.get("MLFLOW_TRACKING_URI") or self._continue_uri or mlflow.get_tracking_uri()
         #: the URI as shown in messages: a password in it (http://user:pw@host) is masked
         self._shown_uri = mask_urls(self._uri)
         if self._shown_uri != self._uri:
@@ -139,7 +145,8 @@ class MLflowCallback(TrackerCallback, ExportableState):
             logger.warning("The checkpoint's MLflow run %s is not at %s; starting a new run", run_id, self._shown_uri)
         else:
             self._new_run(active, args, tags, nested)
-        self._log_params(args, model, env_flag("MLFLOW_FLATTEN_PARAMS"))
+        if not self._continuing:
+            self._log_params(args, model, env_flag("MLFLOW_FLATTEN_PARAMS"))
 
     def _new_run(self, active, args, tags: dict[str, str], nested: bool) -> None:
         if active is not None and not nested:
@@ -257,6 +264,60 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self.flush()  # the sends before it first, then the upload, bounded like every call training waits on
         name = os.path.basename(os.path.normpath(folder))
         self._guarded("log_artifacts", self._client.log_artifacts, self._run_id, folder, artifact_path=name)
+        self._guarded("deleting rotated checkpoints", self._drop_rotated, os.path.dirname(os.path.normpath(folder)))
+
+    def _drop_rotated(self, output_dir: str) -> None:
+        """Delete the run's ``checkpoint-*`` artifacts whose folder save_total_limit deleted locally: the run
+        keeps what the output folder keeps (also those an earlier, resumed session uploaded)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        gone = [a.path for a in self._client.list_artifacts(self._run_id)
+                if a.is_dir and a.path.startswith(CHECKPOINT_PREFIX) and not os.path.isdir(os.path.join(output_dir, a.path))]
+        if not gone:
+            return
+        repo = get_artifact_repository(self._client.get_run(self._run_id).info.artifact_uri, tracking_uri=self._uri)
+        for path in gone:
+            repo.delete_artifacts(path)
+        logger.info("MLflow: deleted the artifacts of %s (rotated away locally by save_total_limit)", gone)
+
+    def _finish(self, args, state, model) -> None:
+        """With HF_MLFLOW_LOG_ARTIFACTS: the checkpoints rotated away at the end dropped, the final model's files
+        (weights, config) logged under ``final_model/``."""
+        if not self._log_artifacts or model is None:
+            return
+        self._guarded("deleting rotated checkpoints", self._drop_rotated, args.output_dir)
+        with tempfile.TemporaryDirectory() as folder:
+            save_model_files(model, folder)
+            self._guarded("log_artifacts", self._client.log_artifacts, self._run_id, folder,
+                          artifact_path=FINAL_MODEL_ARTIFACT)
+
+    # -- after training (the evaluate stage) -----------------------------------------------------------------
+    def run_reference(self) -> dict[str, Any] | None:
+        if not self._run_id:
+            return None
+        return {"run_id": self._run_id, "experiment_id": self._experiment_id, "tracking_uri": getattr(self, "_uri", None)}
+
+    def continue_from(self, reference: dict[str, Any]) -> bool:
+        self._resume_run_id = reference.get("run_id")
+        self._resume_experiment_id = reference.get("experiment_id")
+        self._continue_uri = reference.get("tracking_uri")
+        return bool(self._resume_run_id)
+
+    def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
+        from mlflow.entities import Param, RunTag
+
+        def log() -> None:
+            known = self._client.get_run(self._run_id).data.params
+            new = [Param(k, str(v)) for k, v in params.items() if k not in known]
+            for chunk in _chunks(new, self._params_per_batch):
+                self._client.log_batch(self._run_id, params=chunk)
+            for chunk in _chunks([RunTag(k, str(v)[:5000]) for k, v in tags.items()], self._params_per_batch):
+                self._client.log_batch(self._run_id, tags=chunk)
+
+        self._guarded("tagging the run", log)
+
+    def _log_file(self, path: str) -> None:
+        self._guarded("log_artifact", self._client.log_artifact, self._run_id, path, "evaluation")
 
     def _guarded(self, what: str, fn, *args, **kwargs) -> None:
         """A call training waits on: a failure is reported and spends budget; a spent budget raises."""

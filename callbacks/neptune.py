@@ -69,6 +69,7 @@ class NeptuneCallback(TrackerCallback):
         self._warned_offline = False
         self._snapshot_dir: str | None = None
         self._uploaded: str | None = None
+        self._had_run = False  # a run was opened (run_reference)
 
     @property
     def run(self):
@@ -87,6 +88,7 @@ class NeptuneCallback(TrackerCallback):
             self._run, self._owns_run = self._given_run, False
         else:
             self._run, self._owns_run = self._init_run(), True
+        self._had_run = True
         try:
             self._run_id = self._run["sys/id"].fetch()
         except Exception:  # offline and debug runs have no server-side id until they are synced
@@ -160,6 +162,22 @@ class NeptuneCallback(TrackerCallback):
         target = os.path.join(self._snapshot_dir, os.path.basename(folder))
         shutil.copytree(folder, target, dirs_exist_ok=True)
         return target
+
+    def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
+        self._run[f"{self._namespace}/provenance"] = {k: str(v) for k, v in {**tags, **params}.items()}
+
+    def _log_file(self, path: str) -> None:
+        self._run[f"{self._namespace}/evaluation/{os.path.basename(path)}"].upload(path)
+
+    def run_reference(self) -> dict[str, Any] | None:
+        """The run's id (None for an offline run, which has none until ``neptune sync``)."""
+        return {"run_id": self._run_id, "offline": self._run_id is None} if self._had_run else None
+
+    def continue_from(self, reference: dict[str, Any]) -> bool:
+        """Reopened by its id after train end, as values logged after training are; an offline run has no id and
+        is reported as not continued."""
+        self._run_id, self._stopped = reference.get("run_id"), True
+        return True
 
     def _close(self, failed: bool) -> None:
         if self._run is None or not self._owns_run:

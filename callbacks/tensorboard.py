@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -60,18 +61,22 @@ class TensorBoardCallback(TrackerCallback, ExportableState):
             # The checkpoint's log dir, when it exists here (a retry on another machine starts a new one) and lies
             # in this run's folders: a checkpoint is data from elsewhere and must not choose where we write.
             log_dir = self.log_dir if self.log_dir and os.path.isdir(self.log_dir) else args.logging_dir
-            if log_dir != args.logging_dir and not _inside(log_dir, args.output_dir, os.path.dirname(args.logging_dir)):
+            if self._continuing:
+                log_dir = self.log_dir  # continue_from checked it: an existing TensorBoard log dir
+            elif log_dir != args.logging_dir and not _inside(log_dir, args.output_dir, os.path.dirname(args.logging_dir)):
                 logger.warning("TensorBoard: not continuing in %s from the checkpoint: it is outside output_dir and "
                                "logging_dir; writing to %s", log_dir, args.logging_dir)
                 log_dir = args.logging_dir
             if state.is_hyper_param_search and state.trial_name and not self.log_dir:
                 log_dir = os.path.join(log_dir, state.trial_name)
             # Hide whatever an earlier attempt logged after the step this run continues from.
-            purge_step = state.global_step + 1 if state.global_step > 0 else None
+            purge_step = state.global_step + 1 if state.global_step > 0 and not self._continuing else None
             self.tb_writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
             self._owns_writer = True
         self.log_dir = self.tb_writer.log_dir if hasattr(self.tb_writer, "log_dir") else self.log_dir
         self._last_step = {}
+        if self._continuing:
+            return
         self.tb_writer.add_text("args", json.dumps(redact(args.to_dict()), indent=2, sort_keys=True, default=str))
         config = _model_config_json(model)
         if config is not None:
@@ -102,6 +107,22 @@ class TensorBoardCallback(TrackerCallback, ExportableState):
                 )
                 continue
             self._last_step[key] = step
+
+    def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
+        self.tb_writer.add_text("provenance", json.dumps({**tags, **params}, indent=2, sort_keys=True), step)
+        self.tb_writer.flush()
+
+    def run_reference(self) -> dict[str, Any] | None:
+        return {"log_dir": os.path.abspath(self.log_dir)} if self.log_dir else None
+
+    def continue_from(self, reference: dict[str, Any]) -> bool:
+        """Only an existing log dir that holds TensorBoard event files (the reference is data read from a file;
+        it must not choose where a new folder is written)."""
+        log_dir = reference.get("log_dir")
+        if not log_dir or not glob.glob(os.path.join(glob.escape(log_dir), "events.out.tfevents.*")):
+            return False
+        self.log_dir = log_dir
+        return True
 
     def _close(self, failed: bool) -> None:
         if self.tb_writer is not None:

@@ -58,6 +58,8 @@ class WandbCallback(TrackerCallback, ExportableState):
         self._watched = None
         #: id of the W&B run; restored from the checkpoint on resume
         self.run_id: str | None = None
+        self._project: str | None = None  # the continued run's project (continue_from)
+        self._reference: dict[str, Any] | None = None  # the run's ids, kept after it ends
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"run_id": self.run_id}}
@@ -72,14 +74,18 @@ class WandbCallback(TrackerCallback, ExportableState):
         if wandb.run is not None and (self.run_id is None or wandb.run.id == self.run_id):
             self._run, self._owns_run = wandb.run, False  # the user started a run: log into it, leave it open
         else:
-            init_args: dict[str, Any] = {"project": os.environ.get("WANDB_PROJECT") or "flytrain"}
+            init_args: dict[str, Any] = {"project": self._project or os.environ.get("WANDB_PROJECT") or "flytrain"}
             if args.run_name:
                 init_args["name"] = args.run_name
             if self.run_id:
                 init_args.update(id=self.run_id, resume="allow")
             self._run, self._owns_run = wandb.init(**init_args), True
         self.run_id = self._run.id
-        self._run.config.update(training_params(args, model), allow_val_change=True)
+        run = self._run
+        self._reference = {"run_id": run.id, "project": run.project,
+                           "run_path": "/".join(str(p) for p in (run.entity, run.project, run.id) if p)}
+        if not self._continuing:
+            self._run.config.update(training_params(args, model), allow_val_change=True)
         self._run.define_metric("train/global_step")
         self._run.define_metric("*", step_metric="train/global_step", step_sync=True)
         if self._watch != "false" and model is not None:
@@ -131,6 +137,19 @@ class WandbCallback(TrackerCallback, ExportableState):
             k: v for k, v in summary.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_")
         }
+
+    def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
+        self._run.config.update({**tags, **params}, allow_val_change=True)
+
+    def _log_file(self, path: str) -> None:
+        self._run.save(os.path.abspath(path), base_path=os.path.dirname(os.path.abspath(path)), policy="now")
+
+    def run_reference(self) -> dict[str, Any] | None:
+        return self._reference
+
+    def continue_from(self, reference: dict[str, Any]) -> bool:
+        self.run_id, self._project = reference.get("run_id"), reference.get("project")
+        return bool(self.run_id)
 
     def _close(self, failed: bool) -> None:
         run, self._run = self._run, None

@@ -127,6 +127,10 @@ def test_tensorboard_run_gets_the_provenance_text_and_the_test_metrics_at_the_la
     acc = EventAccumulator(facts["trackers"]["tensorboard"]["log_dir"], size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("test/accuracy")] == [(20, metrics["test_accuracy"])]
-    (event,) = acc.Tensors("provenance/text_summary")
-    text = json.loads(event.tensor_proto.string_val[0].decode())
-    assert text["data"]["split_hashes"]["test"] == independent_hash(tmp_path / "data", "test")
+    # at train begin (what is known then), and with the whole record (the run's end, its log dir) at evaluate
+    begin, end = acc.Tensors("provenance/text_summary")
+    assert (begin.step, end.step) == (0, 20)
+    text = json.loads(end.tensor_proto.string_val[0].decode())
+    assert text["flytrain.data.split_hashes.test"] == independent_hash(tmp_path / "data", "test")
+    assert text["flytrain.trackers.tensorboard.log_dir"] == facts["trackers"]["tensorboard"]["log_dir"]
+    assert text["flytrain.ended_at"] == facts["ended_at"] and text["data.source"] == "digits"

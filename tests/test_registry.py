@@ -94,7 +94,7 @@ def check_run(tracking, run, workdir, model_dir, metrics_dir) -> None:
         assert facts["data"]["split_hashes"][split] == independent_hash(workdir / "data", split)
     assert run.data.tags["flytrain.config_hash"] == facts["config_hash"]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")]
-    assert artifacts == ["evaluation/confusion.csv"]
+    assert artifacts == ["evaluation/confusion.csv", "evaluation/confusion.svg"]
     models = tracking_models(tracking, run)
     assert len(models) == 1 and models[0].name == "model"  # logged once, at the end
 

@@ -27,6 +27,16 @@ class StageLiveCallback(DVCLiveCallback):
             [(step, {k: v for k, v in logs.items() if not k.endswith(TIMING_SUFFIXES)}) for step, logs in events]
         )
 
+    def _log_facts(self, tags, params, step) -> None:
+        """Nothing: the facts (times, host) differ between identical runs; they are in the model's
+        provenance.json."""
+
+    def run_reference(self):
+        """Marked as the stage's output: the evaluate stage does not write into it (a changed train output would
+        make DVC retrain); its test metrics are metrics/metrics.json."""
+        reference = super().run_reference()
+        return {**reference, "stage_output": True} if reference else None
+
 
 def dvclive_setup(config: PipelineConfig, live_dir: str) -> tuple[list[Any], dict[str, Any]]:
     """The callbacks and TrainingArguments overrides that log the stage's DVCLive output into ``live_dir``."""

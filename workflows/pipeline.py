@@ -347,16 +347,14 @@ def _evaluate(config: PipelineConfig, data_dir: str, model_dir: str, out_dir: st
 
 
 def _report(config: PipelineConfig, model_dir: str, out_dir: str, metrics: dict[str, float], example) -> None:
-    """Test metrics and the confusion matrix into the training's MLflow runs, then the MLflow Model (registered when
-    a name is configured): the pipeline's last step, once."""
+    """Test metrics, provenance and the confusion matrix into every tracker run of the training, then the MLflow
+    Model (registered when a name is configured): the pipeline's last step, once."""
     facts = provenance.read(model_dir) or {}
     strict = config.training.strict_integrations
-    if "tensorboard" in (facts.get("trackers") or {}):
-        registry._guarded("TensorBoard test metrics", strict, registry.report_to_tensorboard, model_dir, metrics)
-    if not any(name in registry.MLFLOW_TRACKERS for name in facts.get("trackers") or {}):
-        return
-    registry.report_test_metrics(model_dir, metrics, [os.path.join(out_dir, "confusion.csv")], strict)
-    registry.log_and_register(config, model_dir, example, strict)
+    files = [os.path.join(out_dir, "confusion.csv"), os.path.join(out_dir, "plots", "confusion.svg")]
+    registry.report_results(model_dir, metrics, [f for f in files if os.path.isfile(f)], strict)
+    if any(name in registry.MLFLOW_TRACKERS for name in facts.get("trackers") or {}):
+        registry.log_and_register(config, model_dir, example, strict)
 
 
 def _write_curves(model_dir: str, out_dir: str) -> None:

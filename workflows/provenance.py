@@ -129,20 +129,15 @@ def collect(config, config_hash: str, split_hashes: dict[str, str], tracker_modu
 
 
 def tracker_runs(callbacks: list) -> dict[str, dict[str, Any]]:
-    """The runs of the trackers among ``callbacks``: MLflow (and DagsHub's MLflow) run + experiment, the TensorBoard
-    log dir, the W&B run path."""
+    """The runs of the trackers among ``callbacks``, by name: each one's ``run_reference()`` (MLflow run id +
+    experiment + URI, W&B run path, the TensorBoard log dir, the DVCLive folder, the Comet experiment key, ...)."""
+    from callbacks._common import TrackerCallback
+
     runs: dict[str, dict[str, Any]] = {}
     for cb in callbacks:
-        name = getattr(cb, "integration_name", "")
-        run_id = getattr(cb, "_run_id", None)
-        if name in ("mlflow", "dagshub") and run_id:
-            runs[name] = {"run_id": run_id, "experiment_id": getattr(cb, "_experiment_id", None),
-                          "tracking_uri": getattr(cb, "_uri", None)}
-        elif name == "tensorboard" and getattr(cb, "log_dir", None):
-            runs[name] = {"log_dir": os.path.abspath(cb.log_dir)}
-        elif name == "wandb" and getattr(cb, "_run", None) is not None:
-            run = cb._run
-            runs[name] = {"run_path": "/".join(str(p) for p in (run.entity, run.project, run.id) if p)}
+        reference = cb.run_reference() if isinstance(cb, TrackerCallback) else None
+        if reference:
+            runs[cb.integration_name] = reference
     return runs
 
 
@@ -223,4 +218,4 @@ class ProvenanceCallback(TrainerCallback, ExportableState):
         self.facts["trackers"] = tracker_runs(self.callbacks)
         from .registry import tag_tracker_runs
 
-        tag_tracker_runs(self.facts, strict=bool(getattr(args, "strict_integrations", False)))
+        tag_tracker_runs(self.callbacks, self.facts, strict=bool(getattr(args, "strict_integrations", False)))

@@ -1,18 +1,16 @@
-"""The pipeline's tracker side beyond the training callbacks: provenance tags and ``data.*`` params on the MLflow
-run, the evaluate stage's test metrics in the same MLflow run and TensorBoard log dir, and at the end the MLflow
-Model, registered with an alias.
+"""The pipeline's tracker side beyond the training callbacks: provenance tags and ``data.*`` params on every tracker
+run, the evaluate stage's test metrics and confusion matrix in the same runs, and at the end the MLflow Model,
+registered with an alias.
 
-Everything here runs once per stage (never in the training loop) with ``MlflowClient`` on the run id that the
-MLflow/DagsHub callback recorded (provenance.json's ``trackers``). A tracker failing here is reported once and the
-pipeline goes on, unless ``training.strict_integrations``.
+Everything here runs once per stage (never in the training loop), on the runs that the tracker callbacks recorded
+(provenance.json's ``trackers``). A tracker failing here is reported once and the pipeline goes on, unless
+``training.strict_integrations``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from typing import Any
 
 from . import provenance
@@ -55,61 +53,53 @@ def _prepare_credentials(name: str) -> None:
         configure_mlflow_credentials()
 
 
-def tag_tracker_runs(facts: dict[str, Any], strict: bool = False) -> None:
-    """Provenance as tags and the data section as ``data.*`` params on each MLflow run of this training."""
-    runs = _mlflow_runs(facts)
-    if not runs:
-        return
-    from mlflow.entities import Param, RunTag
-
-    tags = provenance.as_tags(facts)
-    params = {f"data.{k}": str(v) for k, v in (facts.get("config") or {}).get("data", {}).items()}
-    for _name, run in runs:
-        client, _ = _client(run)
-        existing = _guarded("MLflow get_run", strict, client.get_run, run["run_id"])
-        known = dict(existing.data.params) if existing is not None else {}
-        new_params = [Param(k, v) for k, v in params.items() if k not in known]
-        _guarded("MLflow tagging the run", strict, client.log_batch, run["run_id"],
-                 params=new_params, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+def fact_params(facts: dict[str, Any]) -> dict[str, str]:
+    """The data section as ``data.*`` run parameters."""
+    return {f"data.{k}": str(v) for k, v in ((facts.get("config") or {}).get("data") or {}).items()}
 
 
-def report_test_metrics(model_dir: str, metrics: dict[str, float], files: list[str], strict: bool = False) -> None:
-    """The evaluate stage's ``test_*`` metrics (at the training's last step) and ``files`` (confusion matrix) into
-    the training's MLflow runs."""
-    from mlflow.entities import Metric
+def tag_tracker_runs(callbacks: list, facts: dict[str, Any], strict: bool = False) -> None:
+    """Provenance as tags/config (``as_tags``) and ``data.*`` params on the open run of each tracker among
+    ``callbacks`` (MLflow tags, W&B config, TensorBoard text, ...)."""
+    from callbacks._common import TrackerCallback
 
-    facts = provenance.read(model_dir)
-    step = int(((facts or {}).get("global_step")) or 0)
-    for name, run in _mlflow_runs(facts):
-        _prepare_credentials(name)
-        client, _ = _client(run)
-        stamp = int(time.time() * 1000)
-        batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-        _guarded("MLflow logging test metrics", strict, client.log_batch, run["run_id"], metrics=batch)
-        for path in files:
-            _guarded("MLflow logging " + os.path.basename(path), strict, client.log_artifact, run["run_id"], path,
-                     "evaluation")
+    tags, params = provenance.as_tags(facts), fact_params(facts)
+    for callback in callbacks:
+        if isinstance(callback, TrackerCallback):
+            _guarded(f"{callback.integration_name}: recording the provenance", strict, callback.log_facts, tags, params)
 
 
-def report_to_tensorboard(model_dir: str, metrics: dict[str, float]) -> bool:
-    """The provenance (as text) and the test metrics (``test/<name>`` at the training's last step) into the
-    training's TensorBoard log dir, when it is on this machine; returns whether it was."""
+def report_results(model_dir: str, metrics: dict[str, float], files: list[str], strict: bool = False) -> list[str]:
+    """The evaluate stage's ``test_*`` metrics (at the training's last step), the provenance and ``files`` (the
+    confusion matrix) into every tracker run the training used, each continued from the reference that
+    provenance.json holds, as a resumed training continues its run; returns the trackers reported to.
+
+    One mechanism for every tracker (``TrackerCallback.report_results``); a tracker whose run cannot be continued
+    here (an offline Neptune run, a closed ClearML task, a log dir not on this machine) is said so once."""
+    from trainer_lib import TrainingArguments
+    from trainer_lib.registry import resolve_report_to
+    from trainer_lib.state import TrainerState
+
     facts = provenance.read(model_dir) or {}
-    log_dir = ((facts.get("trackers") or {}).get("tensorboard") or {}).get("log_dir")
-    if not log_dir or not os.path.isdir(log_dir):
-        return False
-    from torch.utils.tensorboard import SummaryWriter
-
-    step = int(facts.get("global_step") or 0)
-    writer = SummaryWriter(log_dir=log_dir)
-    try:
-        writer.add_text("provenance", json.dumps({k: v for k, v in facts.items() if k != "config"}, indent=2,
-                                                 sort_keys=True), step)
-        for key, value in metrics.items():
-            writer.add_scalar(key.replace("test_", "test/", 1), value, step)
-    finally:
-        writer.close()
-    return True
+    args = TrainingArguments(output_dir=model_dir, run_name=facts.get("run_name"), report_to="none",
+                             disable_tqdm=True, save_strategy="no")
+    state = TrainerState(global_step=int(facts.get("global_step") or 0))
+    tags, params = provenance.as_tags(facts), fact_params(facts)
+    reported = []
+    for name, reference in (facts.get("trackers") or {}).items():
+        _prepare_credentials(name)
+        classes = _guarded(f"{name}: loading the integration", strict, resolve_report_to, [name])
+        if not classes:
+            continue
+        callback = classes[0]()
+        if not callback.continue_from(reference):
+            logger.info("%s: the training's run cannot be continued here; test metrics are in the metrics files", name)
+            continue
+        done = _guarded(f"{name}: reporting the test results", strict, callback.report_results, args, state, metrics,
+                        tags, params, files)
+        if done:
+            reported.append(name)
+    return reported
 
 
 def registered_name(config, tracker: str = "mlflow") -> str | None:
