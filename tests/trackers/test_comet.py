@@ -27,8 +27,9 @@ def read_archive(path: str) -> dict:
             message = json.loads(line)
             messages.setdefault(message["type"], []).append(message["payload"])
     metrics = [m["metric"] for m in messages.get("metric_msg", [])]
-    params = {p["param"]["paramName"]: p["param"]["paramValue"] for p in messages.get("parameter_msg", [])
-              if p["param"]["source"] == "manual"}
+    # one value under "param", a list value under "params"
+    entries = [p.get("param") or p["params"] for p in messages.get("parameter_msg", [])]
+    params = {p["paramName"]: p["paramValue"] for p in entries if p["source"] == "manual"}
     uploads = [u["additional_params"].get("fileName") for u in messages.get("file_upload", [])]
     return {"experiment": experiment, "metrics": metrics, "params": params, "uploads": uploads, "raw": raw,
             "records": records}
