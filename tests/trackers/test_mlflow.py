@@ -123,12 +123,33 @@ def test_params_metrics_artifacts_and_finished(experiment, mlflow_server, tmp_pa
     assert any("extra.long" in m for m in messages)
 
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert top == {"checkpoint-10", "checkpoint-20"}
+    assert top == {"checkpoint-10", "checkpoint-20", "final_model"}
     files = {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "checkpoint-20")}
     assert {"model.safetensors", "trainer_state.json", "training_args.json", "manifest.json"} <= files
     local = client.download_artifacts(run.info.run_id, "checkpoint-20/training_args.json", str(tmp_path / "dl"))
     uploaded = Path(local).read_text()
     assert HUB_SECRET not in uploaded and SECRET not in uploaded and REDACTED in uploaded
+
+
+def test_artifacts_follow_checkpoint_rotation_and_the_final_model_is_logged(experiment, mlflow_server, tmp_path,
+                                                                           monkeypatch):
+    """save_total_limit=1: a checkpoint deleted locally is deleted from the run too (no stale copy left as the only
+    one), and the final model's files are logged at train end."""
+    monkeypatch.setenv("HF_MLFLOW_LOG_ARTIFACTS", "true")
+    out = tmp_path / "out"
+    trainer = make_trainer(out, max_steps=30, save_total_limit=1, eval_strategy="no")
+    trainer.train()
+    client = client_for(mlflow_server)
+    (run,) = runs_of(client, experiment)
+    kept = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert kept == ["checkpoint-30"]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == kept + ["final_model"]
+    final = {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "final_model")}
+    assert final == {"model.safetensors", "config.json"}
+    from safetensors.torch import load_file
+
+    weights = load_file(client.download_artifacts(run.info.run_id, "final_model/model.safetensors", str(tmp_path / "dl")))
+    assert all((weights[k] == v.cpu()).all() for k, v in trainer.model.state_dict().items())
 
 
 def test_disabled_by_env_sends_nothing(experiment, mlflow_server, tmp_path, monkeypatch):
