@@ -12,6 +12,7 @@ import logging
 import pytest
 
 from tests.test_registry import independent_hash
+from tests.trackers.test_clearml import clearml_env, read_sessions  # noqa: F401 (fixture)
 from tests.trackers.test_comet import comet_env, read_archive, series  # noqa: F401 (fixture)
 from tests.trackers.test_neptune import neptune_env, read_runs  # noqa: F401 (fixture)
 from tests.trackers.test_wandb import read_run, wandb_env, wandb_records  # noqa: F401 (fixture)
@@ -79,3 +80,19 @@ def facts_loss(work) -> float:
     """The last training loss the model's log history holds (what DVCLive's summary kept from training)."""
     history = json.loads((work / "model" / "log_history.json").read_text())
     return [e["loss"] for e in history if "loss" in e][-1]
+
+
+@pytest.mark.timeout(180)
+def test_clearml_gets_the_provenance_at_train_begin_and_a_closed_task_is_not_reopened(clearml_env, tmp_path, caplog):
+    config = PipelineConfig.from_dict({"model": {"hidden_sizes": [16]}, "training": {
+        "max_steps": 8, "logging_steps": 4, "eval_strategy": "no", "save_strategy": "no", "report_to": ["clearml"]}})
+    caplog.set_level(logging.INFO)
+    work = tmp_path / "work"
+    pipeline.run(config, str(work))
+    facts = json.loads((work / "model" / "provenance.json").read_text())
+    (session,) = read_sessions(clearml_env)  # no second task
+    assert facts["trackers"]["clearml"]["task_id"] == session["task"]["id"]
+    section = {name: entry["value"] for name, entry in session["task"]["hyperparams"]["provenance"].items()}
+    assert section["flytrain.data.split_hashes.test"] == independent_hash(work / "data", "test")
+    assert section["data.source"] == "digits"
+    assert any("task was closed at train end" in r.getMessage() for r in caplog.records)
