@@ -18,7 +18,14 @@ from typing import Any
 from trainer_lib.redaction import mask_urls
 from trainer_lib.state import ExportableState
 
-from ._common import FailureBudget, TrackerCallback, env_flag, numeric_items, save_model_files, training_params
+from ._common import (
+    FailureBudget,
+    TrackerCallback,
+    env_flag,
+    numeric_items,
+    save_model_files,
+    training_params,
+)
 from ._mlflow_names import _chunks, _env_tags, _expand_json_params, sanitize_name
 
 logger = logging.getLogger(__name__)

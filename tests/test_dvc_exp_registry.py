@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import uuid
 
+from tests import test_registry
 from tests.test_dvc import copy_project, run, write_params
-from tests.test_registry import runs_of, tracking  # noqa: F401 (fixture)
+from tests.test_registry import runs_of
+
+tracking = test_registry.tracking  # the shared server, a fresh experiment, a client
 
 #: eval_strategy "no" would not survive `-S`: DVC writes params.yaml back with a bare no, which YAML 1.1 reads as false
 TINY = {

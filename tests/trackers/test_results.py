@@ -12,14 +12,18 @@ import logging
 import pytest
 
 from tests.test_registry import independent_hash
-from tests.trackers.test_clearml import clearml_env, read_sessions  # noqa: F401 (fixture)
-from tests.trackers.test_comet import comet_env, read_archive, series  # noqa: F401 (fixture)
-from tests.trackers.test_neptune import neptune_env, read_runs  # noqa: F401 (fixture)
-from tests.trackers.test_wandb import read_run, wandb_env, wandb_records  # noqa: F401 (fixture)
+from tests.trackers import test_clearml, test_comet, test_neptune, test_wandb
+from tests.trackers.test_clearml import read_sessions
+from tests.trackers.test_comet import read_archive, series
+from tests.trackers.test_neptune import read_runs
+from tests.trackers.test_wandb import read_run, wandb_records
 from workflows import pipeline
 from workflows.config import PipelineConfig
 
 TRACKERS = ["wandb", "dvclive", "comet_ml", "neptune"]
+# each tracker's offline settings, as its own tests use them
+wandb_env, comet_env = test_wandb.wandb_env, test_comet.comet_env
+neptune_env, clearml_env = test_neptune.neptune_env, test_clearml.clearml_env
 
 
 def wandb_files(run_dir: str) -> list[str]:
@@ -67,7 +71,7 @@ def test_test_metrics_provenance_and_confusion_matrix_reach_every_trackers_train
     (later,) = [a for a in archives if series(a, "test/accuracy")]
     assert series(later, "test/accuracy") == [(12, pytest.approx(metrics["test_accuracy"]))]
     assert {"confusion.csv", "confusion.svg"} <= set(later["uploads"])
-    assert f'"flytrain.data.split_hashes.test"' in later["records"].decode() and test_hash in later["records"].decode()
+    assert '"flytrain.data.split_hashes.test"' in later["records"].decode() and test_hash in later["records"].decode()
 
     # Neptune offline: no id to reopen the run by; said so, and no second run appears
     (run,) = read_runs(neptune_env)
