@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any
 
 from trainer_lib.state import ExportableState
@@ -55,13 +56,21 @@ class CometCallback(TrackerCallback, ExportableState):
         if continuing:
             start_mode = "get_or_create"  # a resumed training, or metrics logged after train end
         name = args.run_name if args.run_name and args.run_name != args.output_dir else None
-        self._experiment = comet_ml.start(
-            project_name=os.environ.get("COMET_PROJECT_NAME") or None,
-            experiment_key=self.experiment_key,
-            mode=start_mode,
-            online=self._online,
-            experiment_config=comet_ml.ExperimentConfig(name=name),
-        )
+        # Comet names an offline archive <key>-<suffix drawn from the global `random`>, which training seeds: a
+        # second archive of the same key (evaluate, resume) could draw the same name and overwrite the first. The
+        # suffix is drawn from a fresh seed; the seeded state is put back for what follows.
+        seeded = random.getstate()
+        random.seed()
+        try:
+            self._experiment = comet_ml.start(
+                project_name=os.environ.get("COMET_PROJECT_NAME") or None,
+                experiment_key=self.experiment_key,
+                mode=start_mode,
+                online=self._online,
+                experiment_config=comet_ml.ExperimentConfig(name=name),
+            )
+        finally:
+            random.setstate(seeded)
         self.experiment_key = self._experiment.get_key()
         if not continuing:
             self._experiment.log_parameters(training_params(args, model))

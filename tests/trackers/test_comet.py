@@ -185,3 +185,26 @@ def test_start_modes_create_get_and_the_experiment_key_variable(comet_env, tmp_p
     assert set(glob.glob(str(comet_env / "*.zip"))) == before
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "comet" in r.getMessage().lower()]
     assert len(warnings) == 1, warnings
+
+
+@pytest.mark.timeout(60)
+def test_archives_of_one_key_never_share_a_name_whatever_the_seed(comet_env, tmp_path):
+    """Two sessions of one experiment (training, then evaluate) in a process whose `random` was seeded alike: each
+    gets its own archive (Comet draws the name suffix from the global `random`)."""
+    import random
+    import uuid
+
+    import comet_ml  # noqa: F401 (imported before the seeding below, as a training has it by then)
+
+    from callbacks.comet import CometCallback
+    from trainer_lib import TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), run_name="digits-mlp", report_to="none")
+    key = uuid.uuid4().hex
+    for value in (1.0, 2.0):
+        random.seed(42)
+        callback = CometCallback()
+        assert callback.continue_from({"experiment": key})
+        callback.report_results(args, TrainerState(global_step=3), {"test_accuracy": value}, {}, {}, [])
+    archives = [read_archive(p) for p in glob.glob(str(comet_env / "*.zip"))]
+    assert sorted(series(a, "test/accuracy")[0][1] for a in archives) == [1.0, 2.0]
