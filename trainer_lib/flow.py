@@ -124,7 +124,10 @@ class ProgressCallback(TrainerCallback):
         line = format_log_line(logs, state.global_step, state.max_steps, self.max_str_len)
         bar = self.training_bar
         if bar is None:
-            print(line, flush=True)  # flushed: a pipe (DVC, a pod's log) shows each line as it comes
+            # one write (print makes two: a tracker capturing the console, e.g. W&B's default, sends each), flushed:
+            # a pipe (DVC, a pod's log) shows each line as it comes
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
             return
         bar.write(line, file=sys.stdout)
         if "loss" in logs or "learning_rate" in logs:
