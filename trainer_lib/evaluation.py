@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -79,6 +80,27 @@ def speed_metrics(split: str, start_time: float, num_samples: int | None = None,
 
 class EvaluationMixin:
     """``evaluate`` and ``predict``; mixed into Trainer."""
+
+    def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
+        """Whether ``metrics`` hold a new best ``metric_for_best_model`` (recorded in the state); a non-finite value never is."""
+        name = self.args.metric_for_best_model
+        if name is None:
+            return False
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"TrainingArguments.metric_for_best_model={name!r}: {key!r} is not in the evaluation metrics "
+                f"{sorted(metrics)}; set it to one of them"
+            )
+        value = metrics[key]
+        best = self.state.best_metric
+        if not math.isfinite(value):
+            return False  # a diverged model is never the best one
+        better = best is None or (value > best if self.args.greater_is_better else value < best)
+        if better:
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
+        return better
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluate on ``eval_dataset`` (or the Trainer's); metrics are prefixed ``<metric_key_prefix>_``."""

@@ -401,26 +401,6 @@ class Trainer(DataLoaderMixin, HyperparameterSearchMixin, EvaluationMixin):
                 self._guard.parameters(self.model, state.global_step)
             self.checkpointer.save(loop)
 
-    def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
-        name = self.args.metric_for_best_model
-        if name is None:
-            return False
-        key = name if name.startswith("eval_") else f"eval_{name}"
-        if key not in metrics:
-            raise KeyError(
-                f"TrainingArguments.metric_for_best_model={name!r}: {key!r} is not in the evaluation metrics "
-                f"{sorted(metrics)}; set it to one of them"
-            )
-        value = metrics[key]
-        best = self.state.best_metric
-        if not math.isfinite(value):
-            return False  # a diverged model is never the best one
-        better = best is None or (value > best if self.args.greater_is_better else value < best)
-        if better:
-            self.state.best_metric = value
-            self.state.best_global_step = self.state.global_step
-        return better
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Record ``logs`` (with the current epoch and step) in log_history and send them to the callbacks."""
         if self.state.epoch is not None:
