@@ -1,4 +1,4 @@
-"""Bench row 8: trials per minute of the local Flyte tuning workflow vs the same trials as a plain loop.
+"""Bench row 9: trials per minute of the local Flyte tuning workflow vs the same trials as a plain loop.
 
 Both sides prepare the data, train the same proposals of the same seeded study (``workflows.search``) with
 ``pipeline.train`` and evaluate the best trial; the workflow side adds Flyte's local orchestration (type conversion,
