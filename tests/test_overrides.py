@@ -34,7 +34,7 @@ def test_later_overrides_win_and_none_change_nothing():
     ("training.learning_rate.x=1", r"override training\.learning_rate\.x: training\.learning_rate is a value"),
     ("training.learning_rate", r"expected section\.key=value"),
     ("training..seed=1", r"expected section\.key=value"),
-    ("training.report_to=[mlflow", r"override training\.report_to: .* is not a valid YAML value"),
+    ("training.report_to=[mlflow", r"override training\.report_to is not valid YAML"),
 ])
 def test_a_bad_override_is_one_error_naming_its_key(override, message):
     with pytest.raises(ConfigError, match=message):

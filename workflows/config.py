@@ -1,9 +1,7 @@
 """The one config object of a run, shared by Python, params.yaml (DVC) and the Flyte workflow's input.
 
-Loading is strict: an unknown key or a value of the wrong type is an error naming the key path. Loading is also
-bounded: a file over MAX_CONFIG_BYTES, or YAML whose aliases expand to more than MAX_CONFIG_VALUES values or nest
-deeper than MAX_CONFIG_DEPTH (an alias bomb), is refused before anything walks it, and an error message shows at
-most a short excerpt of a value.
+Loading is strict: an unknown key or a value of the wrong type is an error naming the key path. Reading the text
+(bounded, YAML 1.2 as DVC writes it) is workflows/config_text.py.
 """
 
 from __future__ import annotations
@@ -13,76 +11,31 @@ import json
 import math
 import os
 import re
-import reprlib
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from .config_text import (  # noqa: F401 (re-exported: the config's errors and readers)
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    MAX_CONFIG_VALUES,
+    ConfigError,
+    parse_json,
+    parse_text,
+    read_config_file,
+    show,
+)
 
 #: what the pipeline's evaluation reports (and so what metric_for_best_model may name)
 PIPELINE_METRICS = {None, "accuracy", "loss", "eval_accuracy", "eval_loss"}
 
 
-#: the largest params.yaml / config file read (a real one is a few hundred bytes)
-MAX_CONFIG_BYTES = 1 << 20
-#: the most values (mapping entries, list items, scalars) a config may hold once YAML aliases are expanded
-MAX_CONFIG_VALUES = 10_000
-#: the deepest nesting of mappings and lists a config may have (the schema itself is 3 levels deep)
-MAX_CONFIG_DEPTH = 32
 #: the range of a seed (numpy and scikit-learn take 0 .. 2**32 - 1)
 SEED_RANGE = (0, 2**32 - 1)
 #: the range of any other integer (what torch and numpy index with)
 INT_RANGE = (-(2**63), 2**63 - 1)
-
-_SHORT = reprlib.Repr()
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
-
-
-class ConfigError(ValueError):
-    """A config value that is unknown, of the wrong type or out of range; the message names its key."""
-
-
-def show(value: Any) -> str:
-    """A bounded excerpt of ``value`` for an error message (reprlib stops early, so a huge value costs nothing)."""
-    text = _SHORT.repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_size(data: Any, origin: str) -> None:
-    """Refuse a parsed config whose aliases expand too far, counting at most MAX_CONFIG_VALUES values."""
-    count = 0
-    stack = [(data, 0)]
-    while stack:
-        value, depth = stack.pop()
-        count += 1
-        if count > MAX_CONFIG_VALUES:
-            raise ConfigError(f"{origin}: more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded "
-                              "(an alias bomb?)")
-        if depth > MAX_CONFIG_DEPTH:
-            raise ConfigError(f"{origin}: nested deeper than {MAX_CONFIG_DEPTH} levels")
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
-
-
-def parse_text(text: str, origin: str) -> Any:
-    """YAML/JSON text → plain data (PyYAML's safe loader: no objects built), bounded as the module says."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{origin}: {len(text)} characters, more than a config may hold ({MAX_CONFIG_BYTES})")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        detail = " ".join(str(error).split())
-        raise ConfigError(f"{origin} is not valid YAML/JSON: {detail[:300]}") from None
-    except RecursionError:
-        raise ConfigError(f"{origin}: nested too deeply") from None
-    _check_size(data, origin)
-    return data
-
 
 def _redacted_repr(self) -> str:
     """The dataclass repr with secret-named values hidden and URL passwords masked (trainer_lib.redaction).
@@ -98,39 +51,6 @@ def _redacted_repr(self) -> str:
         shown = value if dataclasses.is_dataclass(value) else redact({f.name: value})[f.name]
         parts.append(f"{f.name}={shown!r}")
     return f"{type(self).__name__}({', '.join(parts)})"
-
-
-def parse_json(text: str, origin: str) -> Any:
-    """JSON text → plain data (``Infinity`` included, so that the finiteness checks name the key), bounded."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{origin}: {len(text)} characters, more than a config may hold ({MAX_CONFIG_BYTES})")
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise ConfigError(f"{origin}: nested too deeply") from None
-    except ValueError as error:
-        raise ConfigError(f"{origin} is not valid JSON: {error}") from None
-    _check_size(data, origin)
-    return data
-
-
-def read_config_file(path: str) -> dict[str, Any] | None:
-    """A YAML/JSON config file as plain data, bounded as the module says; an error names the file."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    size = os.path.getsize(path)
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {path!r} is {size} bytes, more than a config may hold ({MAX_CONFIG_BYTES})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(MAX_CONFIG_BYTES + 1)
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"config file {path!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    data = parse_text(text, f"config file {path!r}")
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
-    return data
-
 
 
 @dataclass

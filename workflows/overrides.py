@@ -1,14 +1,13 @@
-"""``key.path=value`` overrides of a config, as ``dvc exp run -S`` takes them (the value is YAML: ``0.002``,
-``[mlflow]``, ``null``), applied through the same strict parser as params.yaml: an unknown key is an error."""
+"""``key.path=value`` overrides of a config, as ``dvc exp run -S`` takes them (the value is YAML 1.2, as DVC reads
+it: ``0.002``, ``5e-05``, ``[mlflow]``, ``null``; ``no`` is a string), applied through the same strict parser as
+params.yaml: an unknown key is an error."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
-from .config import ConfigError, PipelineConfig
+from .config import ConfigError, PipelineConfig, parse_text
 
 
 def apply_overrides(config: PipelineConfig, overrides: Sequence[str]) -> PipelineConfig:
@@ -19,10 +18,7 @@ def apply_overrides(config: PipelineConfig, overrides: Sequence[str]) -> Pipelin
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.learning_rate=0.002)")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ConfigError(f"override {key}: {raw!r} is not a valid YAML value") from None
+        value = parse_text(raw, f"override {key}")  # YAML 1.2 and bounded, as params.yaml is read
         *sections, name = key.split(".")
         target = values
         for depth, section in enumerate(sections):
