@@ -184,10 +184,10 @@ def train_trial(key: str, trial: TrialSpec, data: FlyteDirectory, metric: str, w
     try:
         env = study_runs.trial_environment(trial.study, trial.number, json.loads(trial.params), study_run)
         with _sigterm_raises(), study_runs.environment(env):
-            resume = _resume_point(sandbox) or True
-            pipeline.train(config, data.download(), os.path.join(run_dir, "checkpoints"), model_dir, resume=resume,
-                           report_to=flyte_report_to(config), logging_dir=os.path.join(run_dir, "tensorboard"),
-                           run_name=name)
+            found, keep = _resume_point(sandbox)  # the previous attempt's checkpoint, kept once accepted
+            pipeline.train(config, data.download(), os.path.join(run_dir, "checkpoints"), model_dir,
+                           resume=found or True, report_to=flyte_report_to(config),
+                           logging_dir=os.path.join(run_dir, "tensorboard"), run_name=name, callbacks=[keep])
     except BaseException as error:
         logger.warning("%s failed: %s: %s", name, type(error).__name__, error)
         if is_recoverable(error):
