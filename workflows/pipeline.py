@@ -241,7 +241,9 @@ def train(
         config, _config_digest(config), meta.get("split_hashes") or data_lib.split_hashes(data_dir),
         [m for cls in tracker_classes for m in getattr(cls, "required_modules", ())],
     )
-    overrides.setdefault("run_name", facts["run_name"])
+    if overrides.get("run_name"):  # a caller's name (a tuning trial's) is the run's name everywhere, provenance too
+        facts["run_name"] = overrides["run_name"]
+    overrides["run_name"] = facts["run_name"]
     recorder = provenance.ProvenanceCallback(facts)
     trainer = build_trainer(config, data_dir, checkpoint_dir, [*(callbacks or []), recorder], **overrides)
     recorder.callbacks = trainer.callback_handler.callbacks
