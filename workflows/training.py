@@ -33,8 +33,8 @@ from callbacks.flyte import NotInFlyteTask, current_flyte_checkpoint, restore_fr
 from trainer_lib import TrainerCallback
 from trainer_lib.identity import RunLockedError
 from trainer_lib.redaction import mask_urls
-from workflows import cli_types, flyte_cache, pipeline
-from workflows.config import ConfigError, DataConfig, PipelineConfig
+from workflows import cli_types, flyte_cache, flyte_types, pipeline
+from workflows.config import ConfigError, DataConfig, ModelConfig, PipelineConfig, TrainingConfig
 from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck, silence_at_exit
 from workflows.image import build_image
 from workflows.interrupts import StepWatch, interrupted_notice
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: pyflyte run reads --config/--search through our bounded loader, not flytekit's (workflows/cli_types.py)
 cli_types.install()
+#: the config's Flyte type is computed once per process, not at every task interface and input (workflows/flyte_types.py)
+flyte_types.register(PipelineConfig, DataConfig, ModelConfig, TrainingConfig)
 
 #: the task image for a cluster (workflows/image.py: constraints.txt's pins, flytrain installed)
 IMAGE = build_image()

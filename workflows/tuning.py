@@ -33,9 +33,9 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
 from trainer_lib import study_runs
-from workflows import flyte_cache, pipeline, trial_store
+from workflows import flyte_cache, flyte_types, pipeline, trial_store
 from workflows import search as study_file
-from workflows.config import ConfigError, PipelineConfig, SearchConfig, apply_params
+from workflows.config import ConfigError, ParamRange, PipelineConfig, SearchConfig, apply_params
 from workflows.training import (
     DECK_FIELDS,
     IMAGE,
@@ -74,6 +74,9 @@ class TrialResult:
     objective: float
     config: PipelineConfig = field(default_factory=PipelineConfig)
     model: Optional[FlyteDirectory] = None
+
+
+flyte_types.register(TrialSpec, TrialResult, SearchConfig, ParamRange)  # Flyte types computed once per process
 
 
 class StudyStart(NamedTuple):
