@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from ._common import flatten_dict, redact
+
+logger = logging.getLogger("callbacks.mlflow")
 
 _BAD_NAME_CHARS = re.compile(r"[^\w\-./ ]")
 
@@ -56,3 +59,24 @@ def _expand_json_params(params: Mapping[str, Any], flatten: bool) -> dict[str, A
 def _chunks(items: list, size: int):
     for start in range(0, len(items), max(1, size)):
         yield items[start : start + size]
+
+
+def params_to_send(params: Mapping[str, Any], existing: Mapping[str, str], max_length: int) -> dict[str, str]:
+    """The params to log, as MLflow-safe names and text: a value over MLflow's length limit is left out, a param a
+    continued run already holds is not sent again (MLflow keeps the first value); both are warned about once."""
+    new, too_long, changed = {}, [], []
+    for key, value in params.items():
+        name, text = sanitize_name(key), str(value)
+        if len(text) > max_length:
+            too_long.append(name)
+        elif name in existing:
+            if existing[name] != text:
+                changed.append(name)
+        else:
+            new[name] = text
+    if too_long:
+        logger.warning("MLflow: parameters %s are longer than MLflow's limit of %d characters and are not logged",
+                       too_long, max_length)
+    if changed:
+        logger.warning("MLflow: parameters %s differ from the continued run's; MLflow keeps the first values", changed)
+    return new

@@ -19,38 +19,20 @@ from trainer_lib.redaction import mask_urls
 from trainer_lib.state import ExportableState
 
 from ._common import (
-    FailureBudget,
     TrackerCallback,
     env_flag,
     numeric_items,
     save_model_files,
     training_params,
 )
-from ._mlflow_names import _chunks, _env_tags, _expand_json_params, sanitize_name
+from ._mlflow_names import _chunks, _env_tags, _expand_json_params, params_to_send, sanitize_name
+from ._mlflow_runs import RunCloser, experiment_for_new_run
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 #: run artifact folder of the final model's files (HF_MLFLOW_LOG_ARTIFACTS)
 FINAL_MODEL_ARTIFACT = "final_model"
-
-class _RunCloser:
-    """Ends a run left open when the callback is collected or the process exits (holds no reference to it); bounded
-    by what is left of the failure budget, so a hung server cannot hold the exit up."""
-
-    def __init__(self, client, run_id: str, budget: FailureBudget) -> None:
-        self.client, self.run_id, self.budget, self.open, self.training = client, run_id, budget, True, False
-
-    def __call__(self) -> None:
-        if not self.open:
-            return
-        self.open = False
-        status = "FAILED" if self.training else "FINISHED"
-        try:
-            self.budget.call("set_terminated", self.client.set_terminated, self.run_id, status)
-        except Exception as error:  # at exit there is nobody left to raise to
-            logger.warning("could not mark MLflow run %s as %s: %s", self.run_id, status, error)
-
 
 class MLflowCallback(TrackerCallback, ExportableState):
     """Logs to MLflow. Only world process zero talks to the server; a broken backend never stops training.
@@ -83,7 +65,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         self._previous_run: str | None = None
         self._client = None
         self._disabled = False
-        self._closer: _RunCloser | None = None
+        self._closer: RunCloser | None = None
         self._warned_keys: set[str] = set()
         self._killed = False
         self._continue_uri: str | None = None  # the reference's tracking URI (continue_from)
@@ -128,7 +110,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
         # mlflow's active run is per thread: looked up here, not in the thread the budget runs the call in
         self._budget.call("opening the run", self._open_run, mlflow.active_run(), args, model)
         if self._owns_run:
-            self._closer = _RunCloser(self._client, self._run_id, self._budget)
+            self._closer = RunCloser(self._client, self._run_id, self._budget)
             self._closer.training = self._in_train
             weakref.finalize(self, self._closer)
         logger.info("MLflow run %s (experiment %s) at %s", self._run_id, self._experiment_id, self._shown_uri)
@@ -169,7 +151,7 @@ class MLflowCallback(TrackerCallback, ExportableState):
             tags = resolve_tags(tags)  # user, source: what mlflow.start_run would add
         except Exception as error:  # context detection is a nicety; never a reason to fail
             logger.debug("could not resolve MLflow context tags: %s", error)
-        run = self._client.create_run(self._experiment_for_new_run(), run_name=args.run_name, tags=tags)
+        run = self._client.create_run(experiment_for_new_run(self._client), run_name=args.run_name, tags=tags)
         self._run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
         self._owns_run = True
 
@@ -203,45 +185,12 @@ class MLflowCallback(TrackerCallback, ExportableState):
         if tags:
             self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def _experiment_for_new_run(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
-        if not name:
-            return os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip() or "0"
-        experiment = self._client.get_experiment_by_name(name)
-        if experiment is None:
-            try:
-                return self._client.create_experiment(name)
-            except MlflowException:  # created concurrently by another process
-                experiment = self._client.get_experiment_by_name(name)
-                if experiment is None:
-                    raise
-        if experiment.lifecycle_stage == "deleted":
-            raise ValueError(f"MLFLOW_EXPERIMENT_NAME={name!r} names a deleted experiment: restore it or pick another")
-        return experiment.experiment_id
-
     def _log_params(self, args, model, flatten: bool) -> None:
         from mlflow.entities import Param
 
-        params, too_long, changed = {}, [], []
-        for key, value in _expand_json_params(training_params(args, model), flatten).items():
-            name, text = sanitize_name(key), str(value)
-            if len(text) > self._max_param_length:
-                too_long.append(name)
-            elif name in self._existing_params:
-                if self._existing_params[name] != text:
-                    changed.append(name)
-            else:
-                params[name] = text
-        if too_long:
-            logger.warning(
-                "MLflow: parameters %s are longer than MLflow's limit of %d characters and are not logged",
-                too_long, self._max_param_length,
-            )
-        if changed:
-            logger.warning("MLflow: parameters %s differ from the continued run's; MLflow keeps the first values", changed)
-        for chunk in _chunks([Param(k, v) for k, v in params.items()], self._params_per_batch):
+        params = _expand_json_params(training_params(args, model), flatten)
+        new = params_to_send(params, self._existing_params, self._max_param_length)
+        for chunk in _chunks([Param(k, v) for k, v in new.items()], self._params_per_batch):
             self._client.log_batch(self._run_id, params=chunk)
 
     # -- the lifecycle's hooks -------------------------------------------------------------------------------
