@@ -8,8 +8,8 @@ Log events reach wandb in bursts, once per ``FLYTRAIN_WANDB_SEND_INTERVAL`` seco
 ``TrackerCallback``), each still its own history row at its own ``train/global_step``. Console capture is
 wandb's own choice (``WANDB_CONSOLE``; its default sends each write to the service process as it happens). Its
 buffered ``wrap_emu`` mode polls every 0.5 s and ``finish`` waits for that poll on stdout and stderr in turn:
-0.4-1 s added to the end of every run. With the default, benchmark row 2 (five trackers, a line per log event) took
-the same time in the loop and 0.75 s less at the end, so it is not forced here.
+0.4-1 s added to the end of every run. With the default, benchmark row 2 (five trackers, a line per log event)
+measured the same ratio with a much shorter end, so it is not forced here.
 """
 
 from __future__ import annotations
