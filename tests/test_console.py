@@ -251,3 +251,73 @@ def test_sigterm_of_pyflyte_run_prints_a_few_lines_and_the_same_command_resumes(
             assert any(re.search(rf"resuming from \S+/{kept}\b", line) for line in lines), lines
         step, kept = int(notices[0].group(1)), notices[0].group(2)
         assert (checkpoints / kept).is_dir() and int(kept.split("-")[1]) <= step
+
+
+class CountingStream:
+    """stdout that records each write (a console capture such as W&B's sends one record per write)."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def _train_logging_every_step(tmp_path, steps=40):
+    train, _ = digits(256, 64)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16,
+                             logging_steps=1, save_strategy="no", learning_rate=1e-2)
+    trainer = Trainer(make_model(), args, train_dataset=train)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("interval, most_writes", [("3600", 2), ("0", None)])
+def test_fast_log_lines_are_written_together(tmp_path, monkeypatch, interval, most_writes):
+    """Without a bar, lines that come faster than FLYTRAIN_LOG_LINE_INTERVAL share one write: the first at once,
+    the rest when the interval has passed or at the end; every line, in order. 0 writes each line at once."""
+    monkeypatch.setenv("FLYTRAIN_LOG_LINE_INTERVAL", interval)
+    stream = CountingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    _train_logging_every_step(tmp_path)
+    text = "".join(stream.writes)
+    assert heads(text.splitlines()) == [f"step {s:>2}/40" for s in range(1, 41)] + ["step 40/40"]
+    assert all(write.endswith("\n") for write in stream.writes)
+    if most_writes is None:
+        assert len(stream.writes) == 41  # one per line
+    else:
+        assert stream.writes[0].startswith("step  1/40") and stream.writes[0].count("\n") == 1  # at once
+        assert len(stream.writes) <= most_writes
+
+
+def test_held_log_lines_are_written_when_the_interval_passes_without_another_line(monkeypatch):
+    """A training that goes quiet (a long evaluation, a hang) still shows its last lines: a timer writes them."""
+    from trainer_lib.console import LineWriter
+
+    stream = CountingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    lines = LineWriter(0.3)
+    lines.write("first")
+    lines.write("second")
+    lines.write("third")
+    assert stream.writes == ["first\n"]
+    deadline = time.monotonic() + 30
+    while len(stream.writes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.writes == ["first\n", "second\nthird\n"]
+    lines.flush()
+    assert len(stream.writes) == 2  # nothing held, nothing written twice
+
+
+@pytest.mark.parametrize("raw", ["soon", "-1", "nan", "7200"])
+def test_bad_log_line_interval_names_the_variable(tmp_path, monkeypatch, raw):
+    monkeypatch.setenv("FLYTRAIN_LOG_LINE_INTERVAL", raw)
+    with pytest.raises(ValueError, match=f"FLYTRAIN_LOG_LINE_INTERVAL={raw!r}: expected a number of seconds"):
+        Trainer(make_model(), TrainingArguments(output_dir=str(tmp_path)))

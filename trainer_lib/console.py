@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +21,9 @@ HIDDEN_SUFFIXES = ("_runtime", "_per_second")
 GROUPED_PREFIXES = ("eval", "test", "train")
 #: FLYTRAIN_PROGRESS: "auto" (a bar when stderr is a terminal or a notebook), "1" (always), "0" (never)
 PROGRESS_ENV = "FLYTRAIN_PROGRESS"
+#: FLYTRAIN_LOG_LINE_INTERVAL: without a progress bar, log lines arriving faster than this are written together
+LINE_INTERVAL_ENV = "FLYTRAIN_LOG_LINE_INTERVAL"
+DEFAULT_LINE_INTERVAL = 1.0
 
 
 def format_value(value: Any, max_str_len: int = 100) -> str:
@@ -102,6 +107,69 @@ def notice(message: str) -> None:
         sys.stderr.flush()
     else:
         print(message, file=sys.stderr, flush=True)
+
+
+def line_interval() -> float:
+    """``FLYTRAIN_LOG_LINE_INTERVAL`` (seconds, default 1; 0 writes every line at once); anything else is an error."""
+    raw = os.environ.get(LINE_INTERVAL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LINE_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise ValueError(f"environment variable {LINE_INTERVAL_ENV}={raw!r}: expected a number of seconds "
+                         "between 0 and 3600 (0 writes every log line at once)")
+    return value
+
+
+class LineWriter:
+    """Log lines to stdout, at most one write per ``interval`` seconds while lines come faster than that.
+
+    A line that comes after a quiet interval is written at once; lines that follow it within the interval are held
+    and written together when it has passed (a timer thread writes them if no other line comes), so a pipe, a
+    pod's log or a tracker capturing the console (W&B's default sends one record per write) gets one write per
+    interval instead of one per line. ``flush`` writes what is held (the end of training, an error).
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._held: list[str] = []
+        self._last_write: float | None = None  # None: nothing written yet, so the first line goes out at once
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            self._held.append(line)
+            now = time.monotonic()
+            wait = 0.0 if self._last_write is None else self.interval - (now - self._last_write)
+            if wait <= 0:
+                self._write_held(now)
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self.flush)
+                self._timer.daemon = True
+                self._timer.name = "flytrain-log-lines"
+                self._timer.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                if self._timer is not threading.current_thread():
+                    self._timer.cancel()
+                self._timer = None
+            if self._held:
+                self._write_held(time.monotonic())
+
+    def _write_held(self, now: float) -> None:
+        lines, self._held = self._held, []
+        stream = sys.stdout
+        if stream is None:
+            return
+        stream.write("".join(line + "\n" for line in lines))  # one write: a console capture sends one record
+        stream.flush()
+        self._last_write = now
 
 
 def resume_notice(global_step: int, max_steps: int, epoch: float | None) -> str:

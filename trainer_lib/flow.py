@@ -7,7 +7,7 @@ import sys
 
 from .arguments import IntervalStrategy, SaveStrategy
 from .callback import TrainerCallback
-from .console import format_log_line, format_value, notice, resume_notice, wants_progress_bar
+from .console import LineWriter, format_log_line, format_value, line_interval, notice, resume_notice, wants_progress_bar
 from .state import ExportableState
 
 logger = logging.getLogger(__name__)
@@ -67,9 +67,11 @@ class ProgressCallback(TrainerCallback):
 
     With stderr on a terminal (or in a notebook) a tqdm training bar (steps, ETA, it/s; the last loss and learning
     rate in its postfix) and a short evaluation bar are drawn, and log lines go above the bar. Without one (CI,
-    Flyte pods, DVC logs) no bar is drawn: one compact line per log event (``trainer_lib.console``).
-    ``FLYTRAIN_PROGRESS=0`` / ``1`` turns the bar off / on whatever the stream. tqdm redraws at most every
-    ``mininterval`` (0.1 s), so a step costs one counter update.
+    Flyte pods, DVC logs) no bar is drawn: one compact line per log event (``trainer_lib.console``); lines that
+    come faster than one per ``FLYTRAIN_LOG_LINE_INTERVAL`` (1 s) are written together, at most one write per
+    interval (a line after a quiet interval goes out at once; held lines within the interval, and all of them at the
+    end of training or on an error). ``FLYTRAIN_PROGRESS=0`` / ``1`` turns the bar off / on whatever the stream.
+    tqdm redraws at most every ``mininterval`` (0.1 s), so a step costs one counter update.
     """
 
     def __init__(self, max_str_len: int = 100):
@@ -78,9 +80,13 @@ class ProgressCallback(TrainerCallback):
         self.max_str_len = max_str_len
         self.current_step = 0
         self.use_bar = wants_progress_bar()  # read now, so a bad FLYTRAIN_PROGRESS fails when the Trainer is made
+        self._lines = LineWriter(line_interval())
+        self._in_train = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.use_bar = wants_progress_bar()
+        self._lines = LineWriter(line_interval())
+        self._in_train = True
         if state.is_world_process_zero and state.global_step > 0:
             notice(resume_notice(state.global_step, state.max_steps, state.epoch))
         if state.is_world_process_zero and self.use_bar:
@@ -124,10 +130,12 @@ class ProgressCallback(TrainerCallback):
         line = format_log_line(logs, state.global_step, state.max_steps, self.max_str_len)
         bar = self.training_bar
         if bar is None:
-            # one write (print makes two: a tracker capturing the console, e.g. W&B's default, sends each), flushed:
-            # a pipe (DVC, a pod's log) shows each line as it comes
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            # one write per line at most (print makes two), flushed: a pipe (DVC, a pod's log) shows the lines as
+            # they come, lines that come faster than the interval together; outside training at once
+            lines = self._line_writer()
+            lines.write(line)
+            if not getattr(self, "_in_train", False):
+                lines.flush()
             return
         bar.write(line, file=sys.stdout)
         if "loss" in logs or "learning_rate" in logs:
@@ -135,7 +143,14 @@ class ProgressCallback(TrainerCallback):
             bar.set_postfix_str(", ".join(f"{k}={format_value(v)}" for k, v in shown.items() if v is not None),
                                 refresh=False)
 
+    def _line_writer(self) -> LineWriter:
+        if getattr(self, "_lines", None) is None:  # a subclass whose __init__ did not call ours
+            self._lines = LineWriter(line_interval())
+        return self._lines
+
     def _close_bars(self) -> None:
+        self._in_train = False
+        self._line_writer().flush()
         self._close_prediction_bar()
         if self.training_bar is not None:
             self.training_bar.close()

@@ -150,3 +150,46 @@ def test_no_studio_payload_is_gathered_when_studio_is_not_configured(git_repo, m
     live_dir = git_repo / "out" / "dvclive"
     assert rows(live_dir / "plots" / "metrics" / "train" / "loss.tsv") == logged(trainer, "loss")
     assert json.loads((live_dir / "metrics.json").read_text())["step"] == trainer.state.global_step
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_burst_writes_the_files_dvclive_writes_value_by_value(git_repo):
+    """The callback appends a burst's plot rows once per metric file instead of DVCLive's one open per value: the
+    plot files and metrics.json must be byte for byte what DVCLive's own ``log_metric`` writes for the same events
+    (new and existing files, nested names, NaN and infinity, numpy scalars, summary-only values)."""
+    import numpy as np
+
+    from callbacks.dvclive import _live_class, append_plot_rows
+
+    bursts = [
+        [(10, {"train/loss": 2.25, "train/learning_rate": 1e-3, "eval/acc": np.float32(0.5)}),
+         (20, {"train/loss": float("nan"), "train/learning_rate": 9e-4})],
+        [(30, {"train/loss": float("inf"), "train/learning_rate": 8e-4, "eval/acc": np.float64(0.75)}),
+         (40, {"train/loss": 0.125, "test/acc": 0.9})],
+    ]
+    lives = {}
+    for way in ("per_value", "burst"):
+        live = _live_class()(dir=str(git_repo / way), save_dvc_exp=False, dvcyaml=None)
+        for burst in bursts:
+            rows_by_metric: dict = {}
+            for step, values in burst:
+                live.step = step
+                for key, value in values.items():
+                    plot = not key.startswith("test/")
+                    if way == "per_value":
+                        live.log_metric(key, value, plot=plot)
+                    else:
+                        live.log_metric(key, value, plot=False)
+                        if plot:
+                            rows_by_metric.setdefault(key, []).append((step, value))
+            if way == "burst":
+                append_plot_rows(live, rows_by_metric)
+            live.next_step()
+        live.end()
+        lives[way] = _tree(git_repo / way)
+    assert "plots/metrics/train/loss.tsv" in lives["burst"]
+    assert b"nan" in lives["burst"]["plots/metrics/train/loss.tsv"]
+    assert lives["burst"] == lives["per_value"]
