@@ -305,7 +305,7 @@ def test_every_workflow_serialises_for_a_cluster(tmp_path):
     with tarfile.open(package) as tar:
         for member in tar.getmembers():
             # <n>_<module>.<name>_<kind>.pb: kind 1 is a task, 2 a workflow, 3 its launch plan
-            match = re.fullmatch(r"\d+_workflows\.(training|tuning)\.(\w+)_([123])\.pb", member.name)
+            match = re.fullmatch(r"\d+_workflows\.(training|distributed|tuning)\.(\w+)_([123])\.pb", member.name)
             assert match, member.name
             module, name, kind = match.groups()
             data = tar.extractfile(member).read()
@@ -332,6 +332,9 @@ def test_every_workflow_serialises_for_a_cluster(tmp_path):
         assert meta.retries.retries >= 2 and meta.interruptible and meta.generates_deck.value
         assert sorted(meta.cache_ignore_input_vars) == ["config", "workdir"]
     assert tasks["evaluate_model"].metadata.generates_deck.value
+    # cached on everything it reads (the whole config: it reports to the trackers and registers the model)
+    meta = tasks["evaluate_model"].metadata
+    assert meta.discoverable and meta.discovery_version == CACHE_VERSION and not meta.cache_ignore_input_vars
     assert {n.task_node.reference_id.name.split(".")[-1] for n in workflows["distributed_training_workflow"].nodes} \
         == {"resolve_run", "prepare_data", "train_model_distributed", "evaluate_model"}
 
@@ -341,7 +344,7 @@ def test_elastic_task_runs_two_processes_locally(tmp_path):
     config = json.loads(json.dumps(SMALL))
     config["training"].update(max_steps=20, logging_steps=5, eval_steps=5, report_to=["flyte"])
     env = flyte_env(tmp_path)
-    result = run([os.path.join(BIN, "pyflyte"), "run", "workflows/training.py", "distributed_training_workflow",
+    result = run([os.path.join(BIN, "pyflyte"), "run", "workflows/distributed.py", "distributed_training_workflow",
                   "--config", json.dumps(config)], env, str(tmp_path / "log"))
     assert result.returncode == 0, result.stderr[-3000:]
     model_dir = re.search(r"model=(\S+?),", result.stdout).group(1)

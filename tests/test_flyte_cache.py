@@ -4,6 +4,7 @@ bust it, and a changed byte or a changed hyperparameter always does."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -14,11 +15,13 @@ import pytest
 
 from tests.flyte_helpers import BIN, flyte_env, run
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 TINY = {
     "model": {"hidden_sizes": [16]},
     "training": {"max_steps": 4, "logging_steps": 2, "eval_strategy": "no", "save_strategy": "no"},
 }
-OUTPUTS = re.compile(r"PipelineOutputs\(data=(\S+?), model=(\S+?), logs=\S+?, metrics=\S+?, test_metrics=(\{.*?\})\)")
+OUTPUTS = re.compile(r"PipelineOutputs\(data=(\S+?), model=(\S+?), logs=\S+?, metrics=(\S+?), test_metrics=(\{.*?\})\)")
 
 
 def write_csv(path, rows: int = 240, start: int = 0) -> None:
@@ -45,8 +48,11 @@ def flyte_run(tmp_path, name: str, *args: str, config: dict | None = None) -> di
     found = OUTPUTS.search(result.stdout)
     assert found, result.stdout[-3000:]
     decks = re.findall(r"^  (\w+): file://(\S+)$", result.stdout, re.M)
-    return {"data": found.group(1), "model": found.group(2), "test_metrics": found.group(3),
-            "decks": dict(decks), "stdout": result.stdout}
+    return {"data": found.group(1), "model": found.group(2), "metrics": found.group(3), "test_metrics": ast.literal_eval(found.group(4)),
+            "decks": dict(decks), "stdout": result.stdout, "evaluation_cached": CACHED_EVALUATION in result.stdout}
+
+
+CACHED_EVALUATION = "evaluate_model: from Flyte's cache"
 
 
 def test_cache_keys_on_data_content_and_run_fingerprint_not_on_paths_or_trackers(tmp_path):
@@ -77,6 +83,8 @@ def test_cache_keys_on_data_content_and_run_fingerprint_not_on_paths_or_trackers
     assert (third["data"], third["model"]) == (first["data"], first["model"])
     assert third["test_metrics"] == first["test_metrics"]
     assert set(third["decks"]) == {"evaluate_model"}  # training came from the cache: no new training deck
+    # the evaluation reports to the trackers: another report_to evaluates (and reports) again
+    assert not first["evaluation_cached"] and not third["evaluation_cached"] and third["metrics"] != first["metrics"]
 
     # a hyperparameter changed (as dvc exp run -S takes it): same data, training runs again
     fourth = flyte_run(tmp_path, "fourth", "--data", str(moved), "--overrides", '["training.learning_rate=0.01"]')
@@ -115,7 +123,28 @@ def test_a_folder_of_shards_is_one_table_keyed_by_its_content(tmp_path):
     (copy / "_SUCCESS").write_text("")
     third = flyte_run(tmp_path, "third", "--data_dir", str(copy))
     assert (third["data"], third["model"]) == (first["data"], first["model"])
-    assert set(third["decks"]) == {"evaluate_model"}  # training came from the cache
+    # an identical run: the evaluation came from the cache too, and the run still says its results and where the
+    # evaluation deck is (the copy in the cached metrics folder)
+    assert third["evaluation_cached"] and third["metrics"] == first["metrics"]
+    assert third["test_metrics"] == first["test_metrics"]
+    assert re.search(r"^test accuracy: \d\.\d{4}$", third["stdout"], re.M)
+    assert third["decks"] == {"evaluate_model": os.path.join(first["metrics"], "evaluation.html")}
+    with open(third["decks"]["evaluate_model"], encoding="utf-8") as f:
+        assert "flytrain-heatmap" in f.read()
+
+
+def test_the_flyte_entry_point_imports_no_torch():
+    """An identical rerun of training_workflow runs no task body that needs torch (every result is cached): the
+    module pyflyte loads must not import torch (about 3 s) or the Elastic plugin (which imports it) itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys, workflows.training; "
+            "print(sorted(m for m in ('torch', 'flytekitplugins.kfpytorch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_content_hashes_follow_bytes_not_places(tmp_path):

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .versions import FORMAT_VERSION  # defined without torch, for Flyte's cache versions
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint"
@@ -34,7 +36,7 @@ RNG = "rng_state.pt"
 TRAINER_STATE = "trainer_state.json"
 LOOP_STATE = "loop_state.json"
 ARGS = "training_args.json"
-FORMAT_VERSION = 1
+
 
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 

@@ -7,7 +7,15 @@ import sys
 
 from .arguments import IntervalStrategy, SaveStrategy
 from .callback import TrainerCallback
-from .console import LineWriter, format_log_line, format_value, line_interval, notice, resume_notice, wants_progress_bar
+from .console import (
+    LineWriter,
+    format_log_line,
+    format_value,
+    line_interval,
+    notice,
+    resume_notice,
+    wants_progress_bar,
+)
 from .state import ExportableState
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from callbacks.flyte_deck import evaluation_html
 #: a mark of each of our decks in flytekit's deck.html, most specific first (a local run's later decks also carry
 #: the earlier tasks' tabs)
 DECK_OWNERS = {'class="flytrain-heatmap': "evaluate_model", 'class="flytrain-log-history': "train_model"}
-_state: dict[str, Any] = {"registered": False, "metrics": None, "sandbox": None, "silenced": False}
+_state: dict[str, Any] = {"registered": False, "metrics": None, "sandbox": None, "silenced": False,
+                          "cached_metrics_dir": None}
 
 
 def confusion_matrix(confusion_csv: str, classes: list[str]) -> list[list[int]]:
@@ -49,11 +50,21 @@ def evaluation_deck_html(metrics_dir: str, model_dir: str) -> str:
     return evaluation_html(metrics, classes, matrix, trackers)
 
 
+#: the Evaluation deck's HTML in the metrics folder (a cached evaluation renders no deck; its outputs carry this)
+EVALUATION_HTML = "evaluation.html"
+
+
 def render_evaluation_deck(metrics_dir: str, model_dir: str) -> None:
-    """Add the Evaluation deck to the running task (shown when the task has ``enable_deck=True``)."""
+    """Add the Evaluation deck to the running task (shown when the task has ``enable_deck=True``) and write it to
+    ``metrics_dir/evaluation.html``."""
     from flytekit import Deck
 
-    Deck("Evaluation", evaluation_deck_html(metrics_dir, model_dir))
+    html = evaluation_deck_html(metrics_dir, model_dir)
+    Deck("Evaluation", html)
+    with open(os.path.join(metrics_dir, EVALUATION_HTML), "w", encoding="utf-8") as f:
+        f.write(f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Evaluation</title>"
+                "<style>body{font-family:system-ui,sans-serif;margin:1.5em}</style></head>"
+                f"<body>{html}</body></html>")
 
 
 def _local_sandbox() -> str | None:
@@ -74,7 +85,32 @@ def announce_at_exit() -> None:
     if sandbox is None:
         return
     _state.update(registered=True, sandbox=sandbox)
+    _watch_cached_evaluation()
     atexit.register(_announce)
+
+
+def _watch_cached_evaluation() -> None:
+    """Note the metrics folder of an evaluation that flytekit's local cache answered (its task body never runs, so
+    it cannot tell us itself); without that flytekit function the cached run just prints less."""
+    try:
+        from flytekit.core.local_cache import LocalTaskCache
+    except ImportError:  # pragma: no cover - another flytekit layout
+        return
+    original = LocalTaskCache.__dict__.get("get")
+    if not isinstance(original, staticmethod) or getattr(original.__func__, "_flytrain_watch", False):
+        return
+    lookup = original.__func__
+
+    def get(task_name, *args, **kwargs):
+        outputs = lookup(task_name, *args, **kwargs)
+        if outputs is not None and task_name.endswith(".evaluate_model"):
+            blob = getattr(getattr(outputs.literals.get("metrics"), "scalar", None), "blob", None)
+            if blob is not None and os.path.isdir(blob.uri):
+                _state["cached_metrics_dir"] = blob.uri
+        return outputs
+
+    get._flytrain_watch = True
+    LocalTaskCache.get = staticmethod(get)
 
 
 def silence_at_exit() -> None:
@@ -102,11 +138,17 @@ def _announce() -> None:
         return
     lines = []
     metrics = _state["metrics"]
+    cached = _state["cached_metrics_dir"]
+    if metrics is None and cached:
+        metrics = _read_json(os.path.join(cached, "metrics.json"))
+        lines.append("evaluate_model: from Flyte's cache (model and data unchanged)")
     if metrics:
         lines.append("test metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         if "test_accuracy" in metrics:
             lines.append(f"test accuracy: {metrics['test_accuracy']:.4f}")
     decks = find_decks(_state["sandbox"])
+    if cached and os.path.isfile(os.path.join(cached, EVALUATION_HTML)) and not any(t == "evaluate_model" for t, _ in decks):
+        decks.append(("evaluate_model", os.path.join(cached, EVALUATION_HTML)))
     if decks:
         lines.append("Flyte decks (open in a browser):")
         lines.extend(f"  {task}: file://{path}" for task, path in decks)

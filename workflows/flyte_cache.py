@@ -6,9 +6,9 @@
   shard's name and bytes in reading order: one changed byte, a renamed or an added shard is a miss; an identical
   folder elsewhere is a hit (files the loader skips, ``_SUCCESS`` and the like, are not in it).
 - ``train_model`` keys on the prepared data's content hash and the run fingerprint (the config without the settings
-  that only observe a run: ``report_to`` and the like, see ``pipeline._config_digest``). ``workdir`` is not in the key
+  that only observe a run: ``report_to`` and the like, see ``workflows.fingerprint``). ``workdir`` is not in the key
   either: it only says where checkpoints live, and a resumed run ends bit-identical to an uninterrupted one.
-- Every cache version is ``CACHE_VERSION``: bump ``pipeline.PIPELINE_VERSION`` (or the checkpoint format) and every
+- Every cache version is ``CACHE_VERSION``: bump ``fingerprint.PIPELINE_VERSION`` (or the checkpoint format) and every
   older result is a miss. ``pyflyte run --overwrite-cache`` forces a fresh run of cached tasks.
 """
 
@@ -21,12 +21,12 @@ from typing import Annotated
 from flytekit import HashMethod
 from flytekit.types.directory import FlyteDirectory
 
-from trainer_lib.checkpoint import FORMAT_VERSION
+from trainer_lib.versions import FORMAT_VERSION
 
-from . import pipeline
 from .config import ConfigError, PipelineConfig
+from .fingerprint import PIPELINE_VERSION, config_digest
 
-CACHE_VERSION = f"pipeline{pipeline.PIPELINE_VERSION}-checkpoint{FORMAT_VERSION}"
+CACHE_VERSION = f"pipeline{PIPELINE_VERSION}-checkpoint{FORMAT_VERSION}"
 #: how a content-addressed source is written in ``data.source``
 SOURCE_PREFIX = "sha256:"
 SOURCE_SUFFIXES = (".csv", ".parquet")
@@ -71,7 +71,7 @@ ContentDirectory = Annotated[FlyteDirectory, HashMethod(_directory_hash)]
 
 def run_fingerprint(config: PipelineConfig) -> str:
     """The run's identity (the same as the checkpoints' resume check): settings that only observe a run are out."""
-    return pipeline._config_digest(config)
+    return config_digest(config)
 
 
 def source_suffix(*names: str | None) -> str:

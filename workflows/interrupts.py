@@ -10,7 +10,6 @@ import threading
 from collections.abc import Callable
 
 from trainer_lib import TrainerCallback
-from trainer_lib import checkpoint as ckpt
 
 
 class Interrupted(KeyboardInterrupt):
@@ -77,6 +76,8 @@ def interrupted_notice(watch: StepWatch, checkpoint_dir: str | None,
     where = f"interrupted at step {watch.step}" + (f" of {watch.max_steps}" if watch.max_steps else "")
     newest = None
     if checkpoint_dir and os.path.isdir(checkpoint_dir):
+        from trainer_lib import checkpoint as ckpt
+
         newest = ckpt.latest_valid_checkpoint(checkpoint_dir)
     if newest is None:
         return f"{where}; no checkpoint written yet; run the same command to start again"

@@ -7,7 +7,6 @@ these functions, so both give the same results.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from trainer_lib.redaction import redact
 from . import data as data_lib
 from . import plots, provenance, registry
 from .config import ConfigError, PipelineConfig
+from .fingerprint import NOT_TRAINING, PIPELINE_VERSION, config_digest  # noqa: F401 (PIPELINE_VERSION re-exported)
 from .models import build_model
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 #: log keys that measure time: left out of files that must be byte-identical between identical runs
 TIMING_SUFFIXES = ("_runtime", "_per_second")
 RUN_CONFIG = "run_config.json"
-#: the version of what prepare/train/evaluate produce from the same inputs: bump it with any change that alters
-#: their outputs (a split, a metric, the training loop). Flyte's task cache versions derive from it.
-PIPELINE_VERSION = 1
 
 
 def prepare(config: PipelineConfig, data_dir: str) -> dict[str, Any]:
@@ -69,16 +66,8 @@ def training_arguments(config: PipelineConfig, output_dir: str, **overrides: Any
         raise ConfigError(str(error).replace("TrainingArguments.", "training.")) from None
 
 
-#: config keys that do not change what is trained (where results are reported, what the run is called)
-_NOT_TRAINING = {"training": ("report_to", "run_name", "strict_integrations"),
-                 "model": ("registered_name", "registered_alias")}
-
-
-def _config_digest(config: PipelineConfig) -> str:
-    relevant = {k: v for k, v in config.to_dict().items()}
-    for section, keys in _NOT_TRAINING.items():
-        relevant[section] = {k: v for k, v in relevant[section].items() if k not in keys}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+_NOT_TRAINING = NOT_TRAINING  # the names this module had before fingerprint.py
+_config_digest = config_digest
 
 
 def check_trackers(report_to: list[str]) -> list[type]:

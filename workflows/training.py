@@ -1,4 +1,6 @@
-"""Flyte entry point: prepare → train → evaluate as thin tasks over workflows.pipeline, and a distributed variant.
+"""Flyte entry point: prepare → train → evaluate as thin tasks over workflows.pipeline (the distributed variant is
+workflows/distributed.py). This module imports no torch: the tasks that run import the pipeline, so an identical
+rerun, every task answered by Flyte's cache, starts in about half the time.
 
 Local:   ``pyflyte run workflows/training.py training_workflow --config '{"training": {"max_steps": 200}}'``
 Cluster: ``pyflyte --config flyte.config run --remote workflows/training.py training_workflow``
@@ -27,13 +29,10 @@ from flytekit.exceptions.system import FlyteSystemException
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
-from flytekitplugins.kfpytorch import Elastic
 
-from callbacks.flyte import NotInFlyteTask, current_flyte_checkpoint, restore_from_flyte, save_to_flyte
 from trainer_lib import TrainerCallback
-from trainer_lib.identity import RunLockedError
 from trainer_lib.redaction import mask_urls
-from workflows import cli_types, flyte_cache, flyte_types, pipeline
+from workflows import cli_types, flyte_cache, flyte_types
 from workflows.config import ConfigError, DataConfig, ModelConfig, PipelineConfig, TrainingConfig
 from workflows.decks import announce_at_exit, remember_test_metrics, render_evaluation_deck, silence_at_exit
 from workflows.image import build_image
@@ -127,6 +126,9 @@ def is_recoverable(error: BaseException) -> bool:
     Config and programming errors (ValueError, TypeError, KeyError, a missing file) fail the same way again, and so
     does a checkpoint of another run (CheckpointError) or a workdir that another execution holds (RunLockedError).
     """
+    from callbacks.flyte import NotInFlyteTask
+    from trainer_lib.identity import RunLockedError
+
     if isinstance(error, Preempted | FlyteSystemException | MemoryError):
         return True
     if isinstance(error, FileNotFoundError | NotADirectoryError | IsADirectoryError | PermissionError):
@@ -167,12 +169,16 @@ class _KeepResumePoint(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.found and _is_rank_zero():
+            from callbacks.flyte import save_to_flyte
+
             save_to_flyte(self.found, self.checkpoint)
         self.found = None
 
 
 def _resume_point(sandbox: str) -> tuple[str | None, _KeepResumePoint]:
     """The newest complete checkpoint of the previous attempt (cluster retries) and the callback that re-saves it."""
+    from callbacks.flyte import current_flyte_checkpoint, restore_from_flyte
+
     checkpoint = current_flyte_checkpoint()
     found = restore_from_flyte(checkpoint, os.path.join(sandbox, "previous-attempt"))
     if found:
@@ -203,6 +209,9 @@ def _end_local_run(error: BaseException, watch: StepWatch, checkpoint_dir: str |
 
 def run_training(config: PipelineConfig, data: FlyteDirectory, workdir: str) -> TrainOutputs:
     """The body of both training tasks: pipeline.train with Flyte resume, trackers and error classification."""
+    # torch comes with the pipeline: imported by the tasks that run, so a cached rerun starts without it
+    from workflows import pipeline
+
     _log_to_stderr()
     config = validated(config)
     sandbox = flytekit.current_context().working_directory
@@ -321,6 +330,8 @@ def prepare_data(
         os.makedirs(os.path.dirname(local), exist_ok=True)
         shutil.copyfile(source.download(), local)
         data.source = local
+    from workflows import pipeline
+
     config = validated(PipelineConfig(data=data))
     out = os.path.join(sandbox, "data")
     pipeline.prepare(config, out)
@@ -350,27 +361,23 @@ def train_model(config: PipelineConfig, data: FlyteDirectory, fingerprint: str, 
 
 
 @task(
-    task_config=Elastic(nnodes=1, nproc_per_node=NPROC_PER_NODE, monitor_interval=1, increase_shared_mem=False),
-    shared_memory=True,
-    retries=2,
-    interruptible=True,
+    cache=True,
+    cache_version=flyte_cache.CACHE_VERSION,
     enable_deck=True,
     deck_fields=DECK_FIELDS,
     container_image=IMAGE,
-    requests=Resources(cpu=str(NPROC_PER_NODE), mem="4Gi"),
-    **_TRAIN_CACHE,
+    requests=Resources(cpu="1", mem="1Gi"),
 )
-def train_model_distributed(
-    config: PipelineConfig, data: FlyteDirectory, fingerprint: str, workdir: str = ""
-) -> TrainOutputs:
-    """train_model in NPROC_PER_NODE processes (torch elastic, DDP; gloo on CPU, nccl on GPU); rank 0's result."""
-    return run_training(config, data, workdir)
-
-
-@task(enable_deck=True, deck_fields=DECK_FIELDS, container_image=IMAGE, requests=Resources(cpu="1", mem="1Gi"))
 def evaluate_model(config: PipelineConfig, data: FlyteDirectory, model: FlyteDirectory) -> EvalOutputs:
-    """Test-set metrics, confusion matrix and training curves, and the Evaluation deck (not cached: it is cheap,
-    and every run, a cached one too, gets its report)."""
+    """Test-set metrics, confusion matrix and training curves, and the Evaluation deck (also written to the metrics
+    folder as evaluation.html, so a cached result carries it).
+
+    Cached on everything it reads: the whole config (the trackers and the registry name too: it reports to the
+    training's runs and registers the model), the prepared data's content and the model folder, which is the
+    same only when training came from the cache. An identical rerun therefore imports no torch at all.
+    """
+    from workflows import pipeline
+
     config = validated(config)
     out = os.path.join(flytekit.current_context().working_directory, "metrics")
     model_dir = model.download()
@@ -404,21 +411,5 @@ def training_workflow(
     run = resolve_run(config=config, overrides=overrides, data=data, data_dir=data_dir)
     prepared = prepare_data(data=run.config.data, source=run.source, source_dir=run.source_dir)
     trained = train_model(config=run.config, data=prepared, fingerprint=run.fingerprint, workdir=workdir)
-    evaluated = evaluate_model(config=run.config, data=prepared, model=trained.model)
-    return PipelineOutputs(prepared, trained.model, trained.logs, evaluated.metrics, evaluated.test_metrics)
-
-
-@workflow
-def distributed_training_workflow(
-    config: PipelineConfig = PipelineConfig(),
-    workdir: str = "",
-    data: Optional[FlyteFile] = None,
-    overrides: list[str] = [],  # noqa: B006
-    data_dir: Optional[FlyteDirectory] = None,
-) -> PipelineOutputs:
-    """training_workflow with the training task distributed over NPROC_PER_NODE processes."""
-    run = resolve_run(config=config, overrides=overrides, data=data, data_dir=data_dir)
-    prepared = prepare_data(data=run.config.data, source=run.source, source_dir=run.source_dir)
-    trained = train_model_distributed(config=run.config, data=prepared, fingerprint=run.fingerprint, workdir=workdir)
     evaluated = evaluate_model(config=run.config, data=prepared, model=trained.model)
     return PipelineOutputs(prepared, trained.model, trained.logs, evaluated.metrics, evaluated.test_metrics)
