@@ -30,6 +30,24 @@ def _inside(path: str, *folders: str) -> bool:
     return any(os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f) for f in folders if f)
 
 
+def write_scalars(writer, scalars: list[tuple[str, float]], step: int) -> None:
+    """A log event's scalars as one TensorBoard event (one ``Summary`` holding every value, as TensorFlow's merged
+    summaries are) when ``writer`` is torch's SummaryWriter; ``add_scalar`` per value otherwise (tensorboardX, a
+    user's writer). The values are those ``add_scalar`` writes (``simple_value``), a fourth of the events and no
+    per-value tensor conversion."""
+    if not scalars:
+        return
+    file_writer = getattr(writer, "_get_file_writer", None)
+    if file_writer is None or type(writer).__module__ != "torch.utils.tensorboard.writer":
+        for key, value in scalars:
+            writer.add_scalar(key, value, step)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    summary = Summary(value=[Summary.Value(tag=key, simple_value=float(value)) for key, value in scalars])
+    file_writer().add_summary(summary, step)  # _get_file_writer: also hides a resumed run's later steps (purge)
+
+
 class TensorBoardCallback(TrackerCallback, ExportableState):
     """Writes the logs to TensorBoard event files in ``args.logging_dir`` (or into a given ``tb_writer``).
 
@@ -88,6 +106,7 @@ class TensorBoardCallback(TrackerCallback, ExportableState):
         self.tb_writer.flush()
 
     def _write(self, step: int, logs: dict[str, Any]) -> None:
+        scalars: list[tuple[str, float]] = []
         for key, value in rewrite_logs(logs).items():
             # "epoch" comes with every train and eval log of a step: write each tag once per step.
             if self._last_step.get(key) == step:
@@ -97,7 +116,7 @@ class TensorBoardCallback(TrackerCallback, ExportableState):
             if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
                 value = value.item()
             if isinstance(value, (int, float)):
-                self.tb_writer.add_scalar(key, value, step)
+                scalars.append((key, value))
             elif isinstance(value, str):
                 self.tb_writer.add_text(key, value, step)
             else:
@@ -107,6 +126,8 @@ class TensorBoardCallback(TrackerCallback, ExportableState):
                 )
                 continue
             self._last_step[key] = step
+        write_scalars(self.tb_writer, scalars, step)
+
 
     def _log_facts(self, tags: dict[str, str], params: dict[str, str], step: int) -> None:
         self.tb_writer.add_text("provenance", json.dumps({**tags, **params}, indent=2, sort_keys=True), step)

@@ -148,7 +148,7 @@ class LineWriter:
             if wait <= 0:
                 self._write_held(now)
             elif self._timer is None:
-                self._timer = threading.Timer(wait, self.flush)
+                self._timer = threading.Timer(wait, self._flush_from_timer)
                 self._timer.daemon = True
                 self._timer.name = "flytrain-log-lines"
                 self._timer.start()
@@ -161,6 +161,12 @@ class LineWriter:
                 self._timer = None
             if self._held:
                 self._write_held(time.monotonic())
+
+    def _flush_from_timer(self) -> None:
+        try:
+            self.flush()
+        except (OSError, ValueError):  # stdout closed or gone (a closed pipe): the training thread will hear of it
+            pass
 
     def _write_held(self, now: float) -> None:
         lines, self._held = self._held, []

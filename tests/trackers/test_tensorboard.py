@@ -84,3 +84,36 @@ def test_resumed_run_writes_each_step_once_into_the_same_dir(tmp_path):
     assert [v for _, v in loss[2:]] == pytest.approx(resumed_losses, rel=1e-6)  # and the resumed run wrote them
     assert [s for s, _ in scalars(acc, "eval/accuracy")] == [10, 20]
     assert [s for s, _ in scalars(acc, "train/train_runtime")] == [20]
+
+
+def test_one_event_per_log_reads_back_as_add_scalar_per_value(tmp_path):
+    """The callback writes a log event's scalars as one TensorBoard event; TensorBoard must read back exactly what
+    add_scalar per value gives (tags, steps, float32 values, NaN), also after a purge_step (a resumed run)."""
+    import math
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from callbacks.tensorboard import write_scalars
+
+    events = [(10, [("train/loss", 2.25), ("train/learning_rate", 1e-3), ("train/epoch", 0.5)]),
+              (20, [("train/loss", float("nan")), ("eval/accuracy", 0.9375), ("train/flag", 1)]),
+              (30, [("train/loss", 0.1234567)])]
+    read = {}
+    for way in ("per_value", "one_event"):
+        for purge in (None, 15):
+            writer = SummaryWriter(log_dir=str(tmp_path / f"{way}-{purge}"), purge_step=purge)
+            for step, values in events:
+                if way == "per_value":
+                    for tag, value in values:
+                        writer.add_scalar(tag, value, step)
+                else:
+                    write_scalars(writer, values, step)
+            writer.close()
+            acc = read_events(tmp_path / f"{way}-{purge}")
+            read[way, purge] = {tag: [(e.step, "nan" if math.isnan(e.value) else e.value) for e in acc.Scalars(tag)]
+                                for tag in acc.Tags()["scalars"]}
+    assert read["one_event", None]["train/loss"][1] == (20, "nan")
+    assert set(read["one_event", None]) == {"train/loss", "train/learning_rate", "train/epoch", "eval/accuracy",
+                                            "train/flag"}
+    assert read["one_event", None] == read["per_value", None]
+    assert read["one_event", 15] == read["per_value", 15]
