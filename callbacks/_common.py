@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainer_lib.callback import IntegrationCallback
+from trainer_lib.envvars import env_seconds  # noqa: F401 (re-exported: the trackers read their timeouts with it)
 from trainer_lib.redaction import REDACTED, is_secret_key, redact, secret_values  # noqa: F401 (re-exported)
 
 from ._sending import FailureBudget, Sender
@@ -42,20 +43,6 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     value = raw.strip().lower()
     if value not in choices:
         raise ValueError(f"environment variable {name}={raw!r}: expected one of {list(choices)}")
-    return value
-
-
-def env_seconds(name: str, default: float) -> float:
-    """A non-negative number of seconds from the environment; anything else is an error naming the variable."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ValueError(f"environment variable {name}={raw!r}: expected a number of seconds >= 0")
     return value
 
 

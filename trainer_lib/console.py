@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from .envvars import env_seconds
+
 #: keys left out of console lines (the step and epoch lead the line instead)
 HIDDEN_KEYS = frozenset({"total_flos", "epoch", "step"})
 HIDDEN_SUFFIXES = ("_runtime", "_per_second")
@@ -111,17 +113,8 @@ def notice(message: str) -> None:
 
 def line_interval() -> float:
     """``FLYTRAIN_LOG_LINE_INTERVAL`` (seconds, default 1; 0 writes every line at once); anything else is an error."""
-    raw = os.environ.get(LINE_INTERVAL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_LINE_INTERVAL
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:
-        raise ValueError(f"environment variable {LINE_INTERVAL_ENV}={raw!r}: expected a number of seconds "
-                         "between 0 and 3600 (0 writes every log line at once)")
-    return value
+    return env_seconds(LINE_INTERVAL_ENV, DEFAULT_LINE_INTERVAL, maximum=3600,
+                       meaning=" (0 writes every log line at once)")
 
 
 class LineWriter:
