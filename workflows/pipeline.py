@@ -24,7 +24,7 @@ from trainer_lib.redaction import redact
 from . import data as data_lib
 from . import plots, provenance, registry
 from .config import ConfigError, PipelineConfig
-from .fingerprint import NOT_TRAINING, PIPELINE_VERSION, config_digest  # noqa: F401 (PIPELINE_VERSION re-exported)
+from .fingerprint import config_digest
 from .models import build_model
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,6 @@ def training_arguments(config: PipelineConfig, output_dir: str, **overrides: Any
         return TrainingArguments(**values)
     except ValueError as error:
         raise ConfigError(str(error).replace("TrainingArguments.", "training.")) from None
-
-
-_NOT_TRAINING = NOT_TRAINING  # the names this module had before fingerprint.py
-_config_digest = config_digest
 
 
 def check_trackers(report_to: list[str]) -> list[type]:
@@ -227,7 +223,7 @@ def train(
     tracker_classes = check_trackers(config.training.report_to)
     meta = data_lib.read_meta(data_dir)
     facts = provenance.collect(
-        config, _config_digest(config), meta.get("split_hashes") or data_lib.split_hashes(data_dir),
+        config, config_digest(config), meta.get("split_hashes") or data_lib.split_hashes(data_dir),
         [m for cls in tracker_classes for m in getattr(cls, "required_modules", ())],
     )
     if overrides.get("run_name"):  # a caller's name (a tuning trial's) is the run's name everywhere, provenance too
