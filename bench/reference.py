@@ -1,7 +1,7 @@
 """Row 3: the reference trainers (Hugging Face transformers, Lightning) on row 1's work, when installed.
 
 They are never dependencies of flytrain; install them yourself to get this row. Each is timed like row 1's sides:
-from the start of its first step (setup excluded) to the end of its ``on_train_end``, logging the mean loss every
+from the start of its first epoch (setup excluded) to the end of its ``on_train_end``, logging the mean loss every
 LOG_EVERY steps as one printed line, with no progress bar (row 1's no-terminal case).
 """
 
@@ -36,7 +36,7 @@ def _transformers(steps: int, sink) -> float:
     class Clock(transformers.TrainerCallback):
         start = end = None
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def on_epoch_begin(self, args, state, control, **kwargs):
             if self.start is None:
                 self.start = time.perf_counter()
 
@@ -67,7 +67,7 @@ def _lightning(steps: int, sink) -> float:
     class Clock(L.Callback):
         start = end = None
 
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        def on_train_epoch_start(self, trainer, module):
             if self.start is None:
                 self.start = time.perf_counter()
 

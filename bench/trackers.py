@@ -1,8 +1,8 @@
 """Row 2: the Trainer with file-based trackers on (logging every 10 steps) against the same run with none.
 
-Both sides are timed from the start of the first step to the end of training: the clock stops in ``on_train_end``
+Both sides are timed from the start of the first epoch to the end of training: the clock stops in ``on_train_end``
 after every tracker's own ``on_train_end``, so the events a tracker held back (sent in bursts) and its final
-flush are inside the window. Only the trackers' one-off setup (before the first step) is outside it.
+flush are inside the window. Only the trackers' one-off setup (in ``on_train_begin``, before the first epoch) is outside it.
 """
 
 from __future__ import annotations
