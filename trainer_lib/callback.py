@@ -269,7 +269,7 @@ class CallbackHandler(TrainerCallback):
             return control
         # Keywords beyond the reference's (on_save's checkpoint_folder) reach only this project's callbacks, so a
         # callback written for the reference sees exactly the reference's kwargs.
-        native = {k: kwargs.pop(k) for k in _EXTRA_KWARGS if k in kwargs}
+        native = {k: kwargs.pop(k) for k in _EXTRA_KWARGS if k in kwargs} if kwargs else None
         for callback in listeners:
             extra = native if native and isinstance(callback, TrainerCallback) else {}
             try:

@@ -64,15 +64,18 @@ class ScheduledLR:
         self._apply()
 
     def _apply(self) -> None:
-        value = self.factor(self.last_epoch)
-        if value != self._last_factor:
-            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-                group["lr"] = base * value
-            self._last_factor = value
+        self._set(self.factor(self.last_epoch))
+
+    def _set(self, value: float) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * value
+        self._last_factor = value
 
     def step(self) -> None:
         self.last_epoch += 1
-        self._apply()
+        value = self.factor(self.last_epoch)
+        if value != self._last_factor:  # per step, an unchanged rate costs one call
+            self._set(value)
 
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]

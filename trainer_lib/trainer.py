@@ -356,8 +356,12 @@ class Trainer(DataLoaderMixin, HyperparameterSearchMixin, EvaluationMixin):
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], group_size: int = 1) -> torch.Tensor:
         """Forward and backward one micro-batch; returns the detached loss scaled by the accumulation group."""
-        inputs = self._to_device(inputs)
-        with self._autocast():
+        if self.device.type != "cpu":
+            inputs = self._to_device(inputs)
+        if self.args.bf16:
+            with self._autocast():
+                loss = self.compute_loss(model, inputs)
+        else:  # no context manager per step when there is nothing to enter
             loss = self.compute_loss(model, inputs)
         if group_size > 1:
             loss = loss / group_size
