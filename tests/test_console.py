@@ -297,6 +297,27 @@ def test_fast_log_lines_are_written_together(tmp_path, monkeypatch, interval, mo
         assert len(stream.writes) <= most_writes
 
 
+@pytest.mark.parametrize("interval, most_writes", [("3600", 2), ("0", None)])
+def test_fast_log_lines_above_a_bar_are_written_together(tmp_path, monkeypatch, interval, most_writes):
+    """With a bar each line written above it clears and redraws the bar: lines that come faster than the interval
+    share one write there too; every line, in order, and the bar still counts every step."""
+    monkeypatch.setenv("FLYTRAIN_LOG_LINE_INTERVAL", interval)
+    monkeypatch.setenv("FLYTRAIN_PROGRESS", "1")
+    stream, bar = CountingStream(), CountingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    monkeypatch.setattr(sys, "stderr", bar)
+    _train_logging_every_step(tmp_path)
+    text = "".join(stream.writes)
+    assert heads(text.splitlines()) == [f"step {s:>2}/40" for s in range(1, 41)] + ["step 40/40"]
+    batches = [w for w in stream.writes if w.strip()]  # tqdm.write sends the text, then its line end
+    if most_writes is None:
+        assert len(batches) == 41
+    else:
+        assert batches[0].startswith("step  1/40") and batches[0].count("\n") == 0  # the first line at once
+        assert len(batches) <= most_writes
+    assert "40/40" in "".join(bar.writes)
+
+
 def test_held_log_lines_are_written_when_the_interval_passes_without_another_line(monkeypatch):
     """A training that goes quiet (a long evaluation, a hang) still shows its last lines: a timer writes them."""
     from trainer_lib.console import LineWriter

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .envvars import env_seconds
@@ -123,11 +123,13 @@ class LineWriter:
     A line that comes after a quiet interval is written at once; lines that follow it within the interval are held
     and written together when it has passed (a timer thread writes them if no other line comes), so a pipe, a
     pod's log or a tracker capturing the console (W&B's default sends one record per write) gets one write per
-    interval instead of one per line. ``flush`` writes what is held (the end of training, an error).
+    interval instead of one per line. ``flush`` writes what is held (the end of training, an error). ``emit``, if
+    given, writes a batch of lines instead (e.g. above a progress bar, where each write redraws the bar).
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, emit: Callable[[list[str]], None] | None = None) -> None:
         self.interval = interval
+        self._emit = emit
         self._held: list[str] = []
         self._last_write: float | None = None  # None: nothing written yet, so the first line goes out at once
         self._lock = threading.Lock()
@@ -163,12 +165,17 @@ class LineWriter:
 
     def _write_held(self, now: float) -> None:
         lines, self._held = self._held, []
-        stream = sys.stdout
-        if stream is None:
-            return
-        stream.write("".join(line + "\n" for line in lines))  # one write: a console capture sends one record
-        stream.flush()
         self._last_write = now
+        (self._emit or write_lines)(lines)
+
+
+def write_lines(lines: list[str]) -> None:
+    """Lines to stdout in one write, flushed (a console capture such as W&B's sends one record per write)."""
+    stream = sys.stdout
+    if stream is None:
+        return
+    stream.write("".join(line + "\n" for line in lines))
+    stream.flush()
 
 
 def resume_notice(global_step: int, max_steps: int, epoch: float | None) -> str:

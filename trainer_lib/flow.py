@@ -15,6 +15,7 @@ from .console import (
     notice,
     resume_notice,
     wants_progress_bar,
+    write_lines,
 )
 from .state import ExportableState
 
@@ -75,10 +76,11 @@ class ProgressCallback(TrainerCallback):
 
     With stderr on a terminal (or in a notebook) a tqdm training bar (steps, ETA, it/s; the last loss and learning
     rate in its postfix) and a short evaluation bar are drawn, and log lines go above the bar. Without one (CI,
-    Flyte pods, DVC logs) no bar is drawn: one compact line per log event (``trainer_lib.console``); lines that
-    come faster than one per ``FLYTRAIN_LOG_LINE_INTERVAL`` (1 s) are written together, at most one write per
-    interval (a line after a quiet interval goes out at once; held lines within the interval, and all of them at the
-    end of training or on an error). ``FLYTRAIN_PROGRESS=0`` / ``1`` turns the bar off / on whatever the stream.
+    Flyte pods, DVC logs) no bar is drawn. Either way one compact line per log event (``trainer_lib.console``);
+    lines that come faster than one per ``FLYTRAIN_LOG_LINE_INTERVAL`` (1 s) are written together, at most one
+    write per interval (a line after a quiet interval goes out at once; held lines within the interval, and all of
+    them at the end of training or on an error). ``FLYTRAIN_PROGRESS=0`` / ``1`` turns the bar off / on whatever
+    the stream.
     tqdm redraws at most every ``mininterval`` (0.1 s), so a step costs one counter update.
     """
 
@@ -88,12 +90,12 @@ class ProgressCallback(TrainerCallback):
         self.max_str_len = max_str_len
         self.current_step = 0
         self.use_bar = wants_progress_bar()  # read now, so a bad FLYTRAIN_PROGRESS fails when the Trainer is made
-        self._lines = LineWriter(line_interval())
+        self._lines = LineWriter(line_interval(), self._emit_lines)
         self._in_train = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.use_bar = wants_progress_bar()
-        self._lines = LineWriter(line_interval())
+        self._lines = LineWriter(line_interval(), self._emit_lines)
         self._in_train = True
         if state.is_world_process_zero and state.global_step > 0:
             notice(resume_notice(state.global_step, state.max_steps, state.epoch))
@@ -136,25 +138,30 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or logs is None:
             return
         line = format_log_line(logs, state.global_step, state.max_steps, self.max_str_len)
+        # one write per line at most (print makes two), flushed: a pipe (DVC, a pod's log) shows the lines as they
+        # come, lines that come faster than the interval together (above a bar each write clears and redraws it);
+        # outside training at once
+        lines = self._line_writer()
+        lines.write(line)
+        if not getattr(self, "_in_train", False):
+            lines.flush()
         bar = self.training_bar
-        if bar is None:
-            # one write per line at most (print makes two), flushed: a pipe (DVC, a pod's log) shows the lines as
-            # they come, lines that come faster than the interval together; outside training at once
-            lines = self._line_writer()
-            lines.write(line)
-            if not getattr(self, "_in_train", False):
-                lines.flush()
-            return
-        bar.write(line, file=sys.stdout)
-        if "loss" in logs or "learning_rate" in logs:
+        if bar is not None and ("loss" in logs or "learning_rate" in logs):
             shown = {"loss": logs.get("loss"), "lr": logs.get("learning_rate")}
             bar.set_postfix_str(", ".join(f"{k}={format_value(v)}" for k, v in shown.items() if v is not None),
                                 refresh=False)
 
     def _line_writer(self) -> LineWriter:
         if getattr(self, "_lines", None) is None:  # a subclass whose __init__ did not call ours
-            self._lines = LineWriter(line_interval())
+            self._lines = LineWriter(line_interval(), self._emit_lines)
         return self._lines
+
+    def _emit_lines(self, lines: list[str]) -> None:
+        bar = getattr(self, "training_bar", None)
+        if bar is None:
+            write_lines(lines)
+        else:  # above the bar: tqdm clears it, writes, and draws it again, so once for all the held lines
+            bar.write("\n".join(lines), file=sys.stdout)
 
     def _close_bars(self) -> None:
         self._in_train = False
