@@ -151,3 +151,61 @@ def test_every_model_gradient_is_released_after_each_step(tmp_path):
                              disable_tqdm=True, save_strategy="no", max_grad_norm=0)  # no clipping: the raw gradient
     Trainer(model, args, train_dataset=data, callbacks=[probe], optimizers=(optimizer, None)).train()
     assert probe.seen == [10.0] * 5
+
+
+class _Batched(torch.utils.data.Dataset):
+    """A map-style dataset that reads a whole batch at once (``__getitems__``) and says so in the batch."""
+
+    def __init__(self, n=37):
+        self.x = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "one_by_one": torch.tensor(1)}
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices)
+        return {"x": self.x[index], "one_by_one": torch.zeros(len(indices), dtype=torch.long)}
+
+
+def _same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_direct_batches_equal_the_data_loader_s(batched):
+    from trainer_lib.data import ResumableBatchSampler, default_data_collator, iterate_batches, make_loader
+
+    data, _ = digits(37, 1)
+    dataset = _Batched() if batched else data
+    sampler = ResumableBatchSampler(len(dataset), 8, shuffle=True, seed=3)
+    loader = make_loader(dataset, sampler, default_data_collator, 0, pin_memory=False, seed=3)
+    for epoch, skip in ((0, 0), (1, 2)):
+        sampler.set_epoch(epoch, skip)
+        direct = iterate_batches(loader)
+        assert not isinstance(direct, torch.utils.data.dataloader._BaseDataLoaderIter)  # read directly
+        _same_batches(list(direct), list(loader))
+    if batched:  # __getitems__ is used as torch's fetcher uses it
+        assert all(int(b["one_by_one"].sum()) == 0 for b in iterate_batches(loader))
+
+
+def test_other_loaders_are_iterated_as_they_are():
+    from trainer_lib.data import iterate_batches
+
+    class Shifted(torch.utils.data.DataLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                yield {"x": batch["x"] + 1000}
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter({"x": torch.tensor([float(i)])} for i in range(5))
+
+    shifted = Shifted(_Batched(), batch_size=4, collate_fn=lambda batch: batch)
+    assert all(float(b["x"].min()) >= 1000 for b in iterate_batches(shifted))
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=2)
+    assert [b["x"].flatten().tolist() for b in iterate_batches(stream)] == [[0.0, 1.0], [2.0, 3.0], [4.0]]

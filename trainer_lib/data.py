@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 
 def default_data_collator(features: list[Any]) -> dict[str, torch.Tensor]:
@@ -39,6 +39,32 @@ def make_loader(dataset, batch_sampler, collate_fn, num_workers: int, *, pin_mem
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
                       pin_memory=pin_memory, generator=generator, persistent_workers=False)
+
+
+def iterate_batches(loader: DataLoader) -> Iterator[Any]:
+    """The batches of ``loader``, in its order.
+
+    A plain single-process ``DataLoader`` over a map-style dataset (what the Trainer builds with
+    ``dataloader_num_workers=0``) is read directly: the batch sampler's indices, ``__getitems__`` (or one
+    ``__getitem__`` per index) and the collator, exactly what its iterator does per batch, without the iterator's
+    bookkeeping and profiler ranges (~20 µs a batch in training, ~3 % of a small model's step). Any other loader
+    (workers, pinned memory, an iterable dataset, a DataLoader subclass) is iterated as it is.
+    """
+    direct = (
+        type(loader) is DataLoader
+        and loader.num_workers == 0
+        and not loader.pin_memory
+        and loader.batch_sampler is not None
+        and not isinstance(loader.dataset, IterableDataset)
+    )
+    return _read_batches(loader) if direct else iter(loader)
+
+
+def _read_batches(loader: DataLoader) -> Iterator[Any]:
+    dataset, collate = loader.dataset, loader.collate_fn
+    getitems = getattr(dataset, "__getitems__", None)  # torch's fetcher uses it when present, as here
+    for indices in loader.batch_sampler:
+        yield collate(getitems(indices) if getitems else [dataset[i] for i in indices])
 
 
 class ResumableBatchSampler(Sampler[list[int]]):

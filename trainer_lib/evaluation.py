@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .data import iterate_batches
 from .distributed import gather_objects
 
 
@@ -160,7 +161,7 @@ class EvaluationMixin:
         notify = handler.has_listeners("on_prediction_step")
         try:
             with torch.inference_mode():
-                for inputs in dataloader:
+                for inputs in iterate_batches(dataloader):
                     loss, logits, labels = step(model, inputs)
                     batch = next(iter(inputs.values())).shape[0]
                     seen += batch

@@ -19,7 +19,7 @@ from . import hpsearch, identity
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
 from .callback import CallbackHandler
 from .checkpointing import Checkpointer
-from .data import default_data_collator
+from .data import default_data_collator, iterate_batches
 from .distributed import DistInfo, mean_across_ranks, setup_distributed
 from .evaluation import EvaluationMixin, speed_metrics
 from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
@@ -284,7 +284,7 @@ class Trainer(DataLoaderMixin, HyperparameterSearchMixin, EvaluationMixin):
                 dataloader.generator.manual_seed(args.seed + epoch)
                 self.control = handler.on_epoch_begin(args, state, self.control)
                 step = -1
-                for batch_index, inputs in enumerate(dataloader, start=skipped):
+                for batch_index, inputs in enumerate(iterate_batches(dataloader), start=skipped):
                     step = batch_index
                     position = step % gas
                     if position == 0:
