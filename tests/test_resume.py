@@ -66,6 +66,74 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, asynchronous, caplog):
     assert_same_run(full, resumed)
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """A user's sampler: its order depends only on the epoch it is told (as a DistributedSampler's does)."""
+
+    def __init__(self, size):
+        self.size, self.epoch, self.epochs_set = size, 0, []
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.epochs_set.append(epoch)
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(100 + self.epoch)).tolist())
+
+
+class OwnLoaderTrainer(Trainer):
+    """A get_train_dataloader override, as users of the reference write them."""
+
+    def get_train_dataloader(self):
+        from trainer_lib.data import default_data_collator
+
+        self.user_sampler = EpochShuffle(len(self.train_dataset))
+        return torch.utils.data.DataLoader(self.train_dataset, batch_size=16, sampler=self.user_sampler,
+                                           collate_fn=default_data_collator)
+
+
+def _own_loader_trainer(out, callbacks=None):
+    from tests.helpers import digits, make_model
+    from trainer_lib import TrainingArguments
+
+    train, _ = digits(200, 8)  # 13 batches an epoch
+    args = TrainingArguments(output_dir=str(out), max_steps=-1, num_train_epochs=2, per_device_train_batch_size=16,
+                             logging_steps=4, save_steps=5, disable_tqdm=True, learning_rate=3e-3)
+    return OwnLoaderTrainer(make_model(dropout=0.3), args, train_dataset=train, callbacks=callbacks)
+
+
+def test_a_get_train_dataloader_override_trains_and_resumes_mid_epoch(tmp_path):
+    """The loader is the user's: its sampler is told each epoch, and a resumed epoch drops the batches already
+    trained, so an order that depends only on the epoch resumes exactly."""
+    full = _own_loader_trainer(tmp_path / "full")
+    full.train()
+    assert full.state.global_step == 26 and full.user_sampler.epochs_set == [0, 1]
+    partial_dir = tmp_path / "partial"
+    shutil.copytree(tmp_path / "full" / "checkpoint-15", partial_dir / "checkpoint-15")  # epoch 1, its 3rd batch
+    counter = StepCounter()
+    resumed = _own_loader_trainer(partial_dir, callbacks=[counter])
+    resumed.train(resume_from_checkpoint=str(partial_dir / "checkpoint-15"))
+    assert counter.steps == 26 - 15 and resumed.user_sampler.epochs_set == [1]
+    assert_same_run(full, resumed)
+
+
+def test_a_loader_without_a_length_is_named(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter({"x": torch.zeros(64), "labels": torch.tensor(0)} for _ in range(8))
+
+    class StreamTrainer(OwnLoaderTrainer):
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(Stream(), batch_size=4)
+
+    trainer = _own_loader_trainer(tmp_path)
+    trainer.__class__ = StreamTrainer
+    with pytest.raises(ValueError, match="get_train_dataloader.. returned a DataLoader without a length"):
+        trainer.train()
+
+
 def test_resume_true_takes_the_newest_valid_checkpoint(tmp_path, caplog):
     full = make_trainer(tmp_path / "full")
     full.train()

@@ -6,6 +6,7 @@ of the uninterrupted one, and the batches already trained are skipped by index: 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -58,6 +59,27 @@ def iterate_batches(loader: DataLoader) -> Iterator[Any]:
         and not isinstance(loader.dataset, IterableDataset)
     )
     return _read_batches(loader) if direct else iter(loader)
+
+
+def epoch_batches(loader: DataLoader, epoch: int, skip: int, seed: int) -> Iterator[Any]:
+    """Epoch ``epoch``'s batches of a training loader, from batch ``skip`` on (a resumed epoch).
+
+    The Trainer's own loader picks the epoch's order and skips by index (the skipped batches are never loaded).
+    Any other loader (a ``get_train_dataloader`` override) gets ``set_epoch(epoch)`` where its sampler has one (a
+    ``DistributedSampler``, say) and its first ``skip`` batches are read and dropped: a resumed epoch then sees the
+    batches the interrupted one would have if the loader's order depends only on the epoch.
+    """
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, ResumableBatchSampler):
+        sampler.set_epoch(epoch, skip)
+        if loader.generator is not None:  # creating its iterator draws from it, never from the global RNG
+            loader.generator.manual_seed(seed + epoch)
+        return iterate_batches(loader)
+    for part in (sampler, getattr(sampler, "sampler", None), getattr(loader, "sampler", None)):
+        if callable(getattr(part, "set_epoch", None)):
+            part.set_epoch(epoch)
+            break
+    return itertools.islice(iterate_batches(loader), skip, None)
 
 
 def _read_batches(loader: DataLoader) -> Iterator[Any]:

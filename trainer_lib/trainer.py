@@ -19,7 +19,7 @@ from . import hpsearch, identity
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
 from .callback import CallbackHandler
 from .checkpointing import Checkpointer
-from .data import default_data_collator, iterate_batches
+from .data import default_data_collator, epoch_batches
 from .distributed import DistInfo, mean_across_ranks, setup_distributed
 from .evaluation import EvaluationMixin, speed_metrics
 from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
@@ -189,7 +189,13 @@ class Trainer(DataLoaderMixin, HyperparameterSearchMixin, EvaluationMixin):
     def _plan(self) -> _Plan:
         args = self.args
         dataloader = self.get_train_dataloader()
-        batches = len(dataloader.batch_sampler)
+        try:
+            batches = len(dataloader)
+        except TypeError:
+            raise ValueError(
+                f"get_train_dataloader() returned a {type(dataloader).__name__} without a length: the Trainer needs "
+                "the number of batches per epoch (a map-style dataset)"
+            ) from None
         updates = max(1, math.ceil(batches / args.gradient_accumulation_steps))
         if args.max_steps > 0:
             return _Plan(dataloader, batches, updates, args.max_steps, math.ceil(args.max_steps / updates))
@@ -275,16 +281,15 @@ class Trainer(DataLoaderMixin, HyperparameterSearchMixin, EvaluationMixin):
 
             grad_norm: torch.Tensor | None = None
             self._step_learning_rate = None
-            dataloader, sampler = plan.dataloader, plan.dataloader.batch_sampler
+            dataloader = plan.dataloader
             for epoch in range(epochs_trained, plan.num_train_epochs):
                 if state.global_step >= plan.max_steps:
                     break  # resumed from the final checkpoint: nothing left to train
                 skipped = batches_to_skip if epoch == epochs_trained else 0
-                sampler.set_epoch(epoch, skipped)
-                dataloader.generator.manual_seed(args.seed + epoch)
+                batches = epoch_batches(dataloader, epoch, skipped, args.seed)
                 self.control = handler.on_epoch_begin(args, state, self.control)
                 step = -1
-                for batch_index, inputs in enumerate(iterate_batches(dataloader), start=skipped):
+                for batch_index, inputs in enumerate(batches, start=skipped):
                     step = batch_index
                     position = step % gas
                     if position == 0:
