@@ -197,15 +197,20 @@ def test_other_loaders_are_iterated_as_they_are():
     from trainer_lib.data import iterate_batches
 
     class Shifted(torch.utils.data.DataLoader):
+        iterated = False
+
         def __iter__(self):
-            for batch in super().__iter__():
-                yield {"x": batch["x"] + 1000}
+            Shifted.iterated = True
+            inner = super().__iter__()  # the DataLoader's own iterator, made now
+            return ({"x": batch["x"] + 1000} for batch in inner)
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             return iter({"x": torch.tensor([float(i)])} for i in range(5))
 
     shifted = Shifted(_Batched(), batch_size=4, collate_fn=lambda batch: batch)
-    assert all(float(b["x"].min()) >= 1000 for b in iterate_batches(shifted))
+    batches = iterate_batches(shifted)
+    assert not Shifted.iterated  # its iterator (workers, a seed draw) is made at the first batch, as a for loop would
+    assert all(float(b["x"].min()) >= 1000 for b in batches)
     stream = torch.utils.data.DataLoader(Stream(), batch_size=2)
     assert [b["x"].flatten().tolist() for b in iterate_batches(stream)] == [[0.0, 1.0], [2.0, 3.0], [4.0]]

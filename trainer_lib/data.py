@@ -58,7 +58,13 @@ def iterate_batches(loader: DataLoader) -> Iterator[Any]:
         and loader.batch_sampler is not None
         and not isinstance(loader.dataset, IterableDataset)
     )
-    return _read_batches(loader) if direct else iter(loader)
+    return _read_batches(loader) if direct else _iterate(loader)
+
+
+def _iterate(loader) -> Iterator[Any]:
+    # lazily: the loader's iterator (its workers, its seed draw) is made at the first batch, where a for loop over
+    # the loader makes it (after on_epoch_begin)
+    yield from loader
 
 
 def epoch_batches(loader: DataLoader, epoch: int, skip: int, seed: int) -> Iterator[Any]:
