@@ -67,6 +67,17 @@ def _iterate(loader) -> Iterator[Any]:
     yield from loader
 
 
+def batches_per_epoch(loader: DataLoader) -> int:
+    """The training loader's length; a loader without one (an iterable dataset) is refused, named."""
+    try:
+        return len(loader)
+    except TypeError:
+        raise ValueError(
+            f"get_train_dataloader() returned a {type(loader).__name__} without a length: the Trainer needs the "
+            "number of batches per epoch (a map-style dataset)"
+        ) from None
+
+
 def epoch_batches(loader: DataLoader, epoch: int, skip: int, seed: int) -> Iterator[Any]:
     """Epoch ``epoch``'s batches of a training loader, from batch ``skip`` on (a resumed epoch).
 

@@ -19,7 +19,7 @@ from . import hpsearch, identity
 from .arguments import IntervalStrategy, SaveStrategy, TrainingArguments
 from .callback import CallbackHandler
 from .checkpointing import Checkpointer
-from .data import default_data_collator, epoch_batches
+from .data import batches_per_epoch, default_data_collator, epoch_batches
 from .distributed import DistInfo, mean_across_ranks, setup_distributed
 from .evaluation import EvaluationMixin, speed_metrics
 from .flow import DefaultFlowCallback, PrinterCallback, ProgressCallback
@@ -189,13 +189,7 @@ class Trainer(DataLoaderMixin, HyperparameterSearchMixin, EvaluationMixin):
     def _plan(self) -> _Plan:
         args = self.args
         dataloader = self.get_train_dataloader()
-        try:
-            batches = len(dataloader)
-        except TypeError:
-            raise ValueError(
-                f"get_train_dataloader() returned a {type(dataloader).__name__} without a length: the Trainer needs "
-                "the number of batches per epoch (a map-style dataset)"
-            ) from None
+        batches = batches_per_epoch(dataloader)
         updates = max(1, math.ceil(batches / args.gradient_accumulation_steps))
         if args.max_steps > 0:
             return _Plan(dataloader, batches, updates, args.max_steps, math.ceil(args.max_steps / updates))
